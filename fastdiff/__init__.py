@@ -1,0 +1,17 @@
+"""fastdiff: a compiled inference engine for Stable Diffusion-family models.
+
+Public surface: ``load()``, ``generate()``, ``Pipeline``. Heavy modules import lazily so
+``import fastdiff`` and ``fastdiff --help`` stay fast.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["load", "generate", "Pipeline", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("load", "generate", "Pipeline"):
+        from fastdiff import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

@@ -1,0 +1,2 @@
+"""Checkpoint readers. Each produces plain state dicts (diffusers key names) plus a config;
+models never import this package."""
