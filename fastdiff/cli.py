@@ -5,14 +5,122 @@ import argparse
 import sys
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    return w, h
+
+
+def _hypernetwork(text: str) -> tuple[str, float]:
+    # PATH[:STRENGTH]; a Windows drive letter or a path with colons keeps its colons.
+    path, sep, strength = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff import __version__
+
     p = argparse.ArgumentParser(
         prog="fastdiff",
-        description="Fast Stable Diffusion-family inference: fused Triton kernels and a C++ sampling loop.",
+        description="Fast Stable Diffusion-family inference: fused Triton kernels and a C++ "
+        "sampling loop.",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from a prompt and write PNG files")
+    g.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    g.add_argument("--model", default=None,
+                   help="a diffusers folder or a single .safetensors/.ckpt file "
+                   "(default: the small model that ships with fastdiff)")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    g.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    g.add_argument("--sampler", default="euler_ancestral", help="sampler name (default euler_ancestral)")
+    g.add_argument("--schedule", default="normal", help="noise schedule (default normal)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
+    g.add_argument("--size", type=_size, default=None, metavar="WxH",
+                   help="image size, multiples of 8 (default: the model's native size)")
+    g.add_argument("--num", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per UNet batch (default: all at once, at most 8)")
+    g.add_argument("--hypernetwork", type=_hypernetwork, action="append", default=[],
+                   metavar="PATH[:STRENGTH]", help="an A1111 hypernetwork; repeat to stack")
+    g.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding, used by writing its name in the prompt")
+    g.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip (default 1)")
+    g.add_argument("--init-image", default=None, help="img2img: start from this image")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img strength in (0, 1]")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser("info", help="print what fastdiff detects in a checkpoint")
+    i.add_argument("path", help="a diffusers folder, single-file checkpoint, VAE, hypernetwork or embedding")
+    i.set_defaults(func=_cmd_info)
+
+    b = sub.add_parser("bench", help="time fastdiff against diffusers on identical random weights")
+    b.add_argument("--out", default=None, help="write the results JSON here")
+    b.add_argument("--quick", action="store_true", help="reduced configuration (CPU smoke run)")
+    b.set_defaults(func=_cmd_bench)
+    p.epilog = f"fastdiff {__version__}. `fastdiff COMMAND --help` describes each command."
     return p
+
+
+def _cmd_generate(args) -> int:
+    import os
+
+    from fastdiff.pipeline import generate
+
+    width, height = args.size if args.size else (None, None)
+    result = generate(
+        args.prompt,
+        model=args.model,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        sampler=args.sampler,
+        schedule=args.schedule,
+        seed=args.seed,
+        width=width,
+        height=height,
+        num_images=args.num,
+        batch_size=args.batch_size,
+        hypernetworks=tuple(args.hypernetwork),
+        embeddings=tuple(args.embedding),
+        clip_skip=args.clip_skip,
+        init_image=args.init_image,
+        strength=args.strength,
+        device=args.device,
+        dtype=args.dtype,
+        progress=True,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    for path in result.save(args.out):
+        print(path)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from fastdiff.formats import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from fastdiff.bench import main as bench_main
+
+    return bench_main(out=args.out, quick=args.quick)
 
 
 def main(argv=None) -> int:
@@ -26,7 +134,12 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Bad input gets one clear line, not a traceback.
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
