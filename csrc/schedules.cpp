@@ -118,6 +118,8 @@ std::vector<double> model_sigmas(const std::vector<double>& ac) {
 double beta_ppf(double q, double a, double b) {
     if (q <= 0.0) return 0.0;
     if (q >= 1.0) return 1.0;
+    // near 1 the CDF has no resolution left: invert the mirrored distribution instead
+    if (q > 0.5) return 1.0 - beta_ppf(1.0 - q, b, a);
     double lo = 0.0, hi = 1.0;
     for (int it = 0; it < 200 && hi - lo > 0.0; ++it) {
         const double mid = 0.5 * (lo + hi);

@@ -31,7 +31,8 @@ class GaussianDenoiser:
     def __call__(self, x, sigma):
         sigma = float(sigma)
         self.calls.append(sigma)
-        return (self.mu * sigma**2 + self.s**2 * x) / (self.s**2 + sigma**2)
+        mu, s = self.mu.to(x.dtype), self.s.to(x.dtype)
+        return (mu * sigma**2 + s**2 * x) / (s**2 + sigma**2)
 
 
 class KeyedNoise:
@@ -211,7 +212,7 @@ def k_lms(model, x, sigmas, order=4, **kw):
 
 
 def k_dpmpp_2s_ancestral(model, x, sigmas, noise, eta=1.0, s_noise=1.0):
-    sigma_fn, t_fn = (lambda t: math.exp(-t)), (lambda s: -math.log(s))
+    sigma_fn, t_fn = (lambda t: math.exp(-t)), (lambda s: -math.log(s) if s > 0 else math.inf)
     for i in range(len(sigmas) - 1):
         den = model(x, sigmas[i])
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -230,7 +231,7 @@ def k_dpmpp_2s_ancestral(model, x, sigmas, noise, eta=1.0, s_noise=1.0):
 
 
 def k_dpmpp_sde(model, x, sigmas, noise, eta=1.0, s_noise=1.0, r=0.5):
-    sigma_fn, t_fn = (lambda t: math.exp(-t)), (lambda s: -math.log(s))
+    sigma_fn, t_fn = (lambda t: math.exp(-t)), (lambda s: -math.log(s) if s > 0 else math.inf)
     for i in range(len(sigmas) - 1):
         den = model(x, sigmas[i])
         if sigmas[i + 1] == 0:
@@ -402,6 +403,7 @@ def diffusers_ddpm(model, x, sigmas, noise, **kw):
     sched = mod.DDPMScheduler(num_train_timesteps=n + 1, clip_sample=False, variance_type="fixed_small")
     sched.set_timesteps(n)
     sched.alphas_cumprod = _fake_alphas(s)
+    sched.one = sched.alphas_cumprod[0]  # its last step goes to "alphas_cumprod[-1]": our last sigma
     sched.timesteps = torch.arange(n, 0, -1)
     xv = x * _vp_scale(s[0])
     with _PatchedNoise(mod, noise) as p:
