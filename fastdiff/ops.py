@@ -157,6 +157,8 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 def geglu(x):
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu: last dim {x.shape[-1]} is odd; it must hold [hidden, gate] halves")
     kern = _kernel("geglu", x)
     if kern is not None:
         why = kern.unsupported(x)
