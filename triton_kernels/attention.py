@@ -151,6 +151,8 @@ def unsupported(q, k, v) -> str | None:
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if Lq == 0 or k.shape[2] == 0 or B * H == 0:
         return "empty input"
+    if B * H > 65535:
+        return f"B * H = {B * H} exceeds the grid's second dimension (65535)"
     return None
 
 
