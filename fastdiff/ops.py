@@ -13,17 +13,19 @@ and logs the reason at DEBUG level on the ``fastdiff.ops`` logger; it never retu
 wrong answer.
 
 Shapes:
-- ``attention(q, k, v, scale=None)``: q [B, H, Lq, D], k and v [B, H, Lk, D], any strides
+- ``attention(q, k, v, scale=None, out=None)``: q [B, H, Lq, D], k and v [B, H, Lk, D], any strides
   (so ``x.view(B, L, H, D).transpose(1, 2)`` of a projection needs no copy) -> [B, H, Lq, D].
   The result may be a transposed view of a contiguous [B, Lq, H, D] buffer, so
   ``out.transpose(1, 2).reshape(B, Lq, H * D)`` is free.
 - ``group_norm(x, num_groups, weight, bias, eps, silu=False)``: x [B, C, *spatial].
 - ``layer_norm(x, weight, bias, eps)``: normalises the last dim.
 - ``geglu(x)``: x [..., 2d] -> hidden * gelu(gate) [..., d], ``hidden, gate = x.chunk(2, -1)``.
-- ``lincomb(coeffs, tensors)``: sum of c_i * t_i over up to 4 (+1 noise) same-shaped tensors.
+- ``lincomb(coeffs, tensors, out=None)``: sum of c_i * t_i over up to 4 (+1 noise) same-shaped
+  tensors; coeffs are floats or a 1-D float32 device tensor (CUDA-graph friendly).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -75,33 +77,112 @@ def lincomb_ref(coeffs, tensors):
 # ---------------------------------------------------------------------------------------------
 # dispatch
 
+_KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "lincomb")
 
-def _use_kernel(*tensors) -> bool:
+
+def _fallback(op: str, why: str) -> None:
+    log.debug("%s: using the torch reference, not the Triton kernel: %s", op, why)
+
+
+def _kernel(op: str, *tensors):
+    """The kernel module to run ``op`` on these tensors, or None for the torch reference."""
     m = mode()
     if m == "torch":
-        return False
-    if m == "triton":
-        return True
-    return all(t.is_cuda for t in tensors)
+        return None
+    on_cuda = [t.is_cuda for t in tensors]
+    if m == "auto" and not all(on_cuda):
+        return None
+    if any(on_cuda) and not all(on_cuda):
+        _fallback(op, "tensors on mixed devices")
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        _fallback(op, "autograd: the kernels are forward-only")
+        return None
+    if not all(on_cuda) and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            f"FASTDIFF_OPS=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            f"before fastdiff's kernels are first imported ({op})"
+        )
+    try:
+        mod = importlib.import_module(f"fastdiff.triton_kernels.{op}")
+    except Exception as e:  # no triton, or a triton that cannot build this kernel
+        if m == "triton":
+            raise RuntimeError(f"FASTDIFF_OPS=triton but the {op} kernel cannot be imported: {e}") from e
+        _fallback(op, f"kernel import failed: {e!r}")
+        return None
+    if not all(on_cuda) and not mod.INTERPRET:
+        raise RuntimeError(
+            f"FASTDIFF_OPS=triton on CPU tensors: the {op} kernel was imported before TRITON_INTERPRET=1 "
+            "was set, so it cannot run in the interpreter"
+        )
+    return mod
 
 
-def attention(q, k, v, scale=None):
-    return attention_ref(q, k, v, scale)
+def attention(q, k, v, scale=None, out=None):
+    """softmax(q k^T * scale) v; q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D].
+
+    ``out``, if given, is a contiguous [B, Lq, H, D] buffer; the result is its transpose(1, 2)."""
+    kern = _kernel("attention", q, k, v)
+    if kern is not None:
+        why = kern.unsupported(q, k, v)
+        if why is None:
+            return kern.attention(q, k, v, scale, out=out)
+        _fallback("attention", why)
+    ref = attention_ref(q, k, v, scale)
+    if out is None:
+        return ref
+    o = out.transpose(1, 2)
+    o.copy_(ref)
+    return o
 
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
+    kern = _kernel("group_norm", *[t for t in (x, weight, bias) if t is not None])
+    if kern is not None:
+        why = kern.unsupported(x, num_groups, weight, bias)
+        if why is None:
+            return kern.group_norm(x, num_groups, weight, bias, eps, silu)
+        _fallback("group_norm", why)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
+    kern = _kernel("layer_norm", *[t for t in (x, weight, bias) if t is not None])
+    if kern is not None:
+        why = kern.unsupported(x, weight, bias)
+        if why is None:
+            return kern.layer_norm(x, weight, bias, eps)
+        _fallback("layer_norm", why)
     return layer_norm_ref(x, weight, bias, eps)
 
 
 def geglu(x):
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu: last dim {x.shape[-1]} is odd; it must hold [hidden, gate] halves")
+    kern = _kernel("geglu", x)
+    if kern is not None:
+        why = kern.unsupported(x)
+        if why is None:
+            return kern.geglu(x)
+        _fallback("geglu", why)
     return geglu_ref(x)
 
 
-def lincomb(coeffs, tensors):
-    if len(coeffs) != len(tensors):
-        raise ValueError(f"lincomb: {len(coeffs)} coefficients for {len(tensors)} tensors")
-    return lincomb_ref(coeffs, tensors)
+def lincomb(coeffs, tensors, out=None):
+    """sum_i coeffs[i] * tensors[i] over up to 5 tensors.
+
+    ``coeffs``: Python floats, or a 1-D float32 tensor on the tensors' device (read by the
+    kernel at run time, so CUDA-graph replays can change it). ``out`` may alias an input."""
+    n_coeffs = coeffs.shape[0] if isinstance(coeffs, torch.Tensor) else len(coeffs)
+    if n_coeffs < len(tensors) or (not isinstance(coeffs, torch.Tensor) and n_coeffs != len(tensors)):
+        raise ValueError(f"lincomb: {n_coeffs} coefficients for {len(tensors)} tensors")
+    kern = _kernel("lincomb", *tensors)
+    if kern is not None:
+        why = kern.unsupported(coeffs, tensors)
+        if why is None:
+            return kern.lincomb(coeffs, tensors, out=out)
+        _fallback("lincomb", why)
+    ref = lincomb_ref(coeffs, tensors)
+    if out is None:
+        return ref
+    return out.copy_(ref)
