@@ -118,3 +118,18 @@ def test_clip_argument_errors():
         ours(ids, clip_skip=0)
     with pytest.raises(NotImplementedError):
         CLIPTextEncoder(dict(SD1, hidden_act="relu"))
+
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+OPENCLIP_H = dict(CLIP_L, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                  num_attention_heads=16, hidden_act="gelu", pad_token_id=1, projection_dim=512)
+
+
+@pytest.mark.parametrize("cfg", [CLIP_L, OPENCLIP_H], ids=["sd1-clip-l", "sd2-openclip-h"])
+def test_clip_real_config_has_checkpoint_keys_and_shapes(cfg):
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg))
+        ours = CLIPTextEncoder(cfg)
+    expect = {"text_model." + k.removeprefix("text_model."): tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expect

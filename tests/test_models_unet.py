@@ -11,7 +11,6 @@ from torch import nn
 
 from fastdiff import ops
 from fastdiff.models import UNet2DCondition
-from fastdiff.models.unet import Attention
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -212,3 +211,37 @@ def test_unet_fp16_on_cuda_tracks_fp64():
         ours_err = rel_err(ours(xc, tc, ctxc).cpu(), gold)
         ref_err = rel_err(ref(xc, tc, ctxc).sample.cpu(), gold)
     assert ours_err <= max(2 * ref_err, 2e-3)
+
+
+# The real configs (diffusers' config.json of SD 1.5 and SD 2.1), built on the meta device: same
+# parameter names and shapes as diffusers, no memory, no forward.
+SD15_REAL = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_REAL = dict(
+    SD15_REAL, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+    upcast_attention=True, sample_size=96, dual_cross_attention=False, num_class_embeds=None,
+    only_cross_attention=False, resnet_time_scale_shift="default", class_embed_type=None,
+)
+
+
+@pytest.mark.parametrize("cfg,n_params", [(SD15_REAL, 859_520_964), (SD21_REAL, None),
+                                          (dict(SD15_REAL, in_channels=9), None)],
+                         ids=["sd15", "sd21", "sd15-inpaint"])
+def test_unet_real_config_has_diffusers_keys_and_shapes(cfg, n_params):
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        ours = UNet2DCondition(cfg)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(ref)
+    if n_params is not None:
+        assert sum(p.numel() for p in ours.parameters()) == n_params
+    if cfg is SD21_REAL:  # head size 64 everywhere
+        assert {a.dim_head for a in ours.attention_modules()} == {64}
+    else:
+        assert {a.heads for a in ours.attention_modules()} == {8}

@@ -85,3 +85,20 @@ def test_vae_mid_attention_has_kv_hook():
 def test_vae_refuses_unsupported_blocks():
     with pytest.raises(NotImplementedError, match="down_block_types"):
         AutoencoderKL(dict(SMALL, down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D")))
+
+
+SD_REAL = {  # diffusers' vae/config.json of SD 1.x / 2.x
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+def test_vae_real_config_has_diffusers_keys_and_shapes():
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**{k: v for k, v in SD_REAL.items() if not k.startswith("_")})
+        ours = AutoencoderKL(SD_REAL)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(ref)
+    assert ours.scaling_factor == 0.18215

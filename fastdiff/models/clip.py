@@ -40,7 +40,8 @@ class CLIPTextConfig:
     def from_dict(cls, config: dict) -> "CLIPTextConfig":
         cfg = cls(**{k: v for k, v in config.items() if k in {f.name for f in fields(cls)}})
         if cfg.hidden_act not in _ACTS:
-            raise NotImplementedError(f"CLIPTextEncoder: hidden_act {cfg.hidden_act!r} is not one of {list(_ACTS)}")
+            raise NotImplementedError(
+                f"CLIPTextEncoder: hidden_act {cfg.hidden_act!r} is not one of {list(_ACTS)}")
         return cfg
 
 

@@ -487,8 +487,8 @@ class UNet2DCondition(nn.Module):
         if not torch.is_tensor(t):
             t = torch.tensor([t], dtype=torch.float32, device=x.device)
         elif t.ndim == 0:
-            t = t[None].to(x.device)
-        t = t.expand(B)
+            t = t[None]
+        t = t.to(x.device).expand(B)
         # diffusers computes the sinusoids in fp32 and casts to the model dtype before the MLP
         temb = self.time_embedding(timestep_embedding(
             t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
