@@ -1,2 +1,7 @@
 """The networks: one readable file each. Parameter names are the diffusers/transformers
 checkpoint keys, so loading is a rename table, not a transformation."""
+from fastdiff.models.clip import CLIPTextEncoder
+from fastdiff.models.unet import UNet2DCondition
+from fastdiff.models.vae import AutoencoderKL
+
+__all__ = ["UNet2DCondition", "AutoencoderKL", "CLIPTextEncoder"]
