@@ -5,6 +5,7 @@ The exporter is written from the LDM module layout (openaimodel / ldm autoencode
 fastdiff's reader, and is itself checked against diffusers' own LDM -> diffusers converter."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -55,6 +56,7 @@ def tiny_unet_config(family: str = "sd1", in_channels: int = 4) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_unet(family="sd1", in_channels=4, seed=0):
     from diffusers import UNet2DConditionModel
 
@@ -69,6 +71,7 @@ def tiny_vae_config() -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_vae(seed=1):
     from diffusers import AutoencoderKL
 
@@ -248,6 +251,18 @@ def add_ldm_extras(sd: dict, seed=0) -> dict:
         if k.startswith("model.diffusion_model."):
             sd["model_ema.diffusion_model" + k[len("model.diffusion_model."):].replace(".", "")] = sd[k].clone() + 1.0  # differs, so using it would show
     return sd
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_clip(seed=3):
+    """SD 1.x-style CLIP text model (quick_gelu, HF names)."""
+    return clip_model(tiny_clip_config(), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_openclip(seed=4):
+    """SD 2.x-style OpenCLIP text tower (4 resblocks: the converted model keeps 3)."""
+    return randomize_(OpenCLIPText(), seed)
 
 
 # ------------------------------------------------------------------------------------ writers
