@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoints import (
-    clip_model, clip_state_dict, load_clip, rel_err, save_diffusers_folder, tiny_clip, tiny_clip_config,
+    clip_model, clip_state_dict, rel_err, save_diffusers_folder, tiny_clip, tiny_clip_config,
     tiny_unet, tiny_vae,
 )
 from fastdiff.formats import FormatError, describe, load_into, open_model

@@ -1,16 +1,15 @@
 """LDM single-file checkpoints: key mapping against diffusers' own converter, architecture
 inference, and outputs of diffusers/transformers models loaded with our state dicts."""
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from checkpoints import (
-    OpenCLIPText, add_ldm_extras, clip_model, clip_state_dict, load_clip, rel_err, save_safetensors,
+    add_ldm_extras, clip_model, clip_state_dict, load_clip, rel_err, save_safetensors,
     sd1_single_file, sd2_single_file, tiny_clip, tiny_openclip, tiny_unet, tiny_vae, unet_to_ldm, vae_to_ldm,
 )
-from fastdiff.formats import Component, FormatError, LazyTensor, describe, load_into, open_model, open_vae
+from fastdiff.formats import Component, LazyTensor, describe, load_into, open_model, open_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
