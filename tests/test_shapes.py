@@ -151,7 +151,8 @@ def test_captions_parse_back():
         "shape": "circle", "colour": "red", "background": "blue", "position": "centre",
         "style": "filled"}
     for bad in ("a red circle", "a red circle on a blue background, middle",
-                "a teal circle on a blue background, top", "a red hexagon on a blue background, top",
+                "a teal circle on a blue background, top",
+                "a red hexagon on a blue background, top",
                 "a red circle on a blue background, top left and more"):
         with pytest.raises(ValueError):
             parse_caption(bad)
@@ -263,7 +264,8 @@ def test_checker_rejects_two_shapes_and_wrong_geometry():
          "style": "filled"}
     one = render(a)
     other = render(a | {"shape": "square", "position": "bottom right"})
-    both = np.where((other != one).any(-1, keepdims=True) & (one == PALETTE["blue"]).all(-1, keepdims=True), other, one)
+    second = (other != PALETTE["blue"]).any(-1, keepdims=True)
+    both = np.where(second, other, one)
     assert check(one, a)["all"]
     assert read(both)["shape"] is None and not check(both, a)["all"]
     # A long bar and an upside-down triangle are none of the shapes.

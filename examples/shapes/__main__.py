@@ -23,7 +23,8 @@ def main(argv=None):
         images.append(image)
         print(f"{i:4d}  {'ok ' if check(image, attrs)['all'] else 'BAD'}  {text}")
     sheet = Image.fromarray(contact_sheet(images))
-    sheet.resize((sheet.width * args.scale, sheet.height * args.scale), Image.NEAREST).save(args.out)
+    sheet = sheet.resize((sheet.width * args.scale, sheet.height * args.scale), Image.NEAREST)
+    sheet.save(args.out)
     print(f"wrote {args.out}")
 
 

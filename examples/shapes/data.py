@@ -108,7 +108,7 @@ def _article(word: str) -> str:
 
 
 def caption(attrs: dict, mention_style: bool = True) -> str:
-    """'a red circle on a blue background, top left'; outlined shapes say 'an outlined red circle'."""
+    """'a red circle on a blue background, top left'; outlines say 'an outlined red circle ...'."""
     noun = f"{attrs['colour']} {attrs['shape']}"
     if mention_style and attrs.get("style", "filled") == "outlined":
         noun = f"outlined {noun}"
@@ -170,16 +170,18 @@ def _signed_distance(shape: str, cx: float, cy: float, side: float, x, y):
 
 def _inradius(shape: str, side: float) -> float:
     h = side / 2
-    return {"circle": h, "square": h, "diamond": h / np.sqrt(2), "triangle": side / (1 + np.sqrt(5))}[shape]
+    if shape == "triangle":  # twice the area over the perimeter
+        return side / (1 + np.sqrt(5))
+    return {"circle": h, "square": h, "diamond": h / np.sqrt(2)}[shape]
 
 
 def outline_width(shape: str, side: float) -> float:
-    """Stroke of an outlined shape: ~45% of the inradius (so the hole stays clearly open), 2-3 px."""
+    """Stroke of an outlined shape: 45% of the inradius (the hole stays clearly open), 2-3 px."""
     return float(np.clip(0.45 * _inradius(shape, side), 2.0, 3.0))
 
 
 def coverage(shape: str, cx: float, cy: float, side: float, style: str = "filled") -> np.ndarray:
-    """Fraction [SIZE, SIZE] of each pixel the shape covers, from SUPERSAMPLE^2 samples per pixel."""
+    """Fraction [SIZE, SIZE] of each pixel the shape covers (SUPERSAMPLE^2 samples per pixel)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; known: {STYLES}")
     out = np.zeros((SIZE, SIZE))
@@ -289,5 +291,6 @@ def contact_sheet(images, columns: int = 8, pad: int = 2) -> np.ndarray:
     sheet = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 128, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, columns)
-        sheet[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = im
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        sheet[y:y + h, x:x + w] = im
     return sheet
