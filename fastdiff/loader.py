@@ -1,0 +1,126 @@
+"""Checkpoint on disk -> built, loaded modules -> Pipeline.
+
+The networks are built on the meta device (no memory, no random init) and their tensors are
+streamed in one at a time by `formats.load_into`, straight to the target device and dtype. A
+model is only handed out once every part has loaded: a failure leaves nothing half-built.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff.formats import FormatError, ModelSource, load_into, open_model, open_vae
+
+# The model fastdiff ships (issue 6): used when no model is given.
+DEFAULT_MODEL = Path(__file__).parent / "data" / "shapes-model"
+
+
+def default_model() -> str:
+    if not DEFAULT_MODEL.is_dir():
+        raise FileNotFoundError(
+            f"no model given and the bundled model is missing ({DEFAULT_MODEL}); pass model=PATH "
+            "(a diffusers folder or a .safetensors/.ckpt single file)"
+        )
+    return str(DEFAULT_MODEL)
+
+
+def alphas_cumprod(scheduler: dict) -> np.ndarray:
+    """The training noise schedule from a diffusers scheduler config, in float64."""
+    n = int(scheduler.get("num_train_timesteps", 1000))
+    b0, b1 = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    if scheduler.get("trained_betas") is not None:
+        betas = np.asarray(scheduler["trained_betas"], dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
+    elif kind == "linear":
+        betas = np.linspace(b0, b1, n, dtype=np.float64)
+    else:
+        raise FormatError(f"scheduler config: beta_schedule {kind!r} is not supported (scaled_linear, linear)")
+    return np.cumprod(1.0 - betas)
+
+
+def native_size(src: ModelSource) -> int:
+    """The image size the model was trained at, in pixels."""
+    sample = src.unet.config.get("sample_size")
+    if src.vae is not None and isinstance(sample, int) and sample > 0:
+        return sample * 2 ** (len(src.vae.config.get("block_out_channels", [0] * 4)) - 1)
+    return 768 if (src.family == "sd2" and src.prediction_type == "v_prediction") else 512
+
+
+class ModelHash:
+    """A1111's model hash (sha256 of the weights file, first 10 hex digits), computed once, on
+    first use, since hashing a multi-GB file takes seconds. For a diffusers folder the hash is
+    of the UNet's first weights file."""
+
+    def __init__(self, src: ModelSource):
+        if os.path.isdir(src.path):
+            files = sorted({lt.file.path for lt in src.unet.tensors.values()})
+            self.path = files[0] if files else None
+        else:
+            self.path = src.path
+        self._value = None
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        with self._lock:
+            if self._value is None and self.path is not None:
+                h = hashlib.sha256()
+                with open(self.path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+                self._value = h.hexdigest()[:10]
+            return self._value or ""
+
+
+def _build(cls, component, device, dtype):
+    with torch.device("meta"):
+        module = cls(component.config)
+    load_into(module, component, device=device, dtype=dtype)
+    return module.eval().requires_grad_(False)
+
+
+def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None, vae=None):
+    from fastdiff.models.clip import CLIPTextEncoder
+    from fastdiff.models.unet import UNet2DCondition
+    from fastdiff.models.vae import AutoencoderKL
+    from fastdiff.pipeline import ModelInfo, Pipeline
+    from fastdiff.tokenizer import CLIPTokenizer, default_tokenizer
+
+    path = default_model() if path is None else os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path} does not exist")
+    src = open_model(path, config)
+    if vae is not None:
+        src = src.with_vae(open_vae(os.fspath(vae)))
+    for part in ("vae", "text_encoder"):
+        if getattr(src, part) is None:
+            raise FormatError(f"{path}: has no {part.replace('_', ' ')}; fastdiff needs a whole model "
+                              "(UNet, VAE and text encoder)")
+    pad = src.tokenizer.get("pad_token_id")
+    tok = CLIPTokenizer.from_folder(src.tokenizer["path"], pad_id=pad) if src.tokenizer.get("path") \
+        else default_tokenizer(pad)
+
+    unet = _build(UNet2DCondition, src.unet, device, dtype)
+    vae_m = _build(AutoencoderKL, src.vae, device, dtype)
+    text = _build(CLIPTextEncoder, src.text_encoder, device, dtype)
+    if text.config.vocab_size < tok.vocab_size:
+        raise FormatError(f"{path}: text encoder has {text.config.vocab_size} token embeddings, "
+                          f"the tokenizer needs {tok.vocab_size}")
+    ctx = unet.config.cross_attention_dim
+    ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
+    if ctx != text.config.hidden_size:
+        raise FormatError(f"{path}: UNet cross-attention width {ctx} does not match the text encoder's "
+                          f"{text.config.hidden_size}")
+    info = ModelInfo(
+        family=src.family, prediction_type=src.prediction_type,
+        alphas_cumprod=alphas_cumprod(src.scheduler), native_size=native_size(src),
+        vae_scale=float(vae_m.scaling_factor), name=Path(path).stem if os.path.isfile(path) else Path(path).name,
+        hash=ModelHash(src), path=path,
+    )
+    return Pipeline(unet, vae_m, text, tok, info, device=device, dtype=dtype)
