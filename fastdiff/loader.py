@@ -85,7 +85,8 @@ def _build(cls, component, device, dtype):
     return module.eval().requires_grad_(False)
 
 
-def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None, vae=None):
+def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None, vae=None,
+                  **pipeline_options):
     from fastdiff.models.clip import CLIPTextEncoder
     from fastdiff.models.unet import UNet2DCondition
     from fastdiff.models.vae import AutoencoderKL
@@ -123,4 +124,4 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None
         vae_scale=float(vae_m.scaling_factor), name=Path(path).stem if os.path.isfile(path) else Path(path).name,
         hash=ModelHash(src), path=path,
     )
-    return Pipeline(unet, vae_m, text, tok, info, device=device, dtype=dtype)
+    return Pipeline(unet, vae_m, text, tok, info, device=device, dtype=dtype, **pipeline_options)

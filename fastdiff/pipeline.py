@@ -16,6 +16,7 @@ import torch
 
 from fastdiff import __version__, ops, sampling
 from fastdiff.denoiser import Denoiser, DiscreteSigmas
+from fastdiff.graphs import GraphCache
 from fastdiff.results import GenerationResult
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -113,7 +114,8 @@ class Pipeline:
     (hooks, hypernetwork strengths, embeddings), they queue.
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, info: ModelInfo, *, device, dtype):
+    def __init__(self, unet, vae, text_encoder, tokenizer, info: ModelInfo, *, device, dtype,
+                 cuda_graphs: bool | None = None, channels_last: bool = False):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -127,7 +129,17 @@ class Pipeline:
         self.embeddings: dict[str, torch.Tensor] = {}  # name -> [n, dim]
         self.hypernetworks: list = []  # loaded with load_hypernetwork: applied on every call
         self._call_hns: dict = {}  # path -> Hypernetwork named in a call's `hypernetworks`
+        self._active_hypernetworks: list = []  # during a call: the stack its kv_hook applies
         self._lock = threading.RLock()
+        # The fast path: on CUDA, each sampling step replays a captured graph of the denoiser.
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, this pipeline is on {self.device}")
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.graphs = GraphCache(channels_last=self.channels_last) if cuda_graphs else None
 
     def __repr__(self) -> str:
         i = self.info
@@ -236,9 +248,8 @@ class Pipeline:
                     self._call_hns[path] = self._read_hypernetwork(path, s)
                 self._call_hns[path].strength = s
             active = self.hypernetworks + [self._call_hns[p] for p, _ in req.hypernetworks]
-            from fastdiff.formats import HypernetworkStack
-
-            self._set_kv_hook(HypernetworkStack(active) if active else None)
+            self._active_hypernetworks = active
+            self._set_kv_hook(_stack(active))
             jobs = [(pi, i) for pi in range(len(req.prompts)) for i in range(req.num_images)]
             outputs, params = [], []
             bar = _progress(total * req.steps, progress)
@@ -255,6 +266,7 @@ class Pipeline:
                         params.append(self._parameters(req, pi, s, width, height, active))
             finally:
                 self._set_kv_hook(None)
+                self._active_hypernetworks = []
                 if bar is not None:
                     bar.close()
         return GenerationResult(_convert(torch.cat(outputs), req.output_type), params, req.output_type)
@@ -275,9 +287,13 @@ class Pipeline:
         # One CPU generator per image, for the initial noise and every later noise draw: the
         # same seed gives the same image at any batch size and on any device.
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        cuda = self.device.type == "cuda"
 
         def draw():
-            return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+            n = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            # pinned + non_blocking: the copy queues behind the running step instead of
+            # waiting for it (a pageable copy would synchronise the loop every step)
+            return n.pin_memory().to(self.device, non_blocking=True) if cuda else n
 
         noise = draw() if latents is None else latents.to(self.device, torch.float32)
         if req.guidance_scale == 1.0:
@@ -303,8 +319,7 @@ class Pipeline:
                                device=self.device)
             extra = torch.cat([torch.ones(len(seeds), 1, *shape[1:], device=self.device),
                                self.encode_images(grey)], dim=1)
-        den = Denoiser(self.unet, self.schedule, self.info.prediction_type, cond,
-                       uncond, req.guidance_scale, ops.lincomb, self.dtype, extra)
+        den = self._denoiser(cond, uncond, req.guidance_scale, extra, (len(seeds), *shape))
 
         def cb(d):
             if bar is not None:
@@ -314,6 +329,50 @@ class Pipeline:
 
         return sampling.sample(den, x, sig, req.sampler, noise_sampler=lambda s, sn: draw(),
                                callback=cb, eta=eta, s_noise=s_noise)
+
+    def _denoiser(self, cond, uncond, guidance_scale, extra, latent_shape):
+        if self.graphs is None:
+            return Denoiser(self.unet, self.schedule, self.info.prediction_type, cond, uncond,
+                            guidance_scale, ops.lincomb, self.dtype, extra)
+        cfg = guidance_scale != 1.0
+        context = torch.cat([uncond, cond]) if cfg else cond
+        active = self._active_hypernetworks
+        graph = self.graphs.get(
+            self.unet, self.schedule, self.info.prediction_type, batch=latent_shape[0],
+            latent_shape=latent_shape[1:], cfg=cfg, context_shape=context.shape[1:], dtype=self.dtype,
+            extra_channels=0 if extra is None else extra.shape[1], hypernetworks=active, device=self.device)
+        return graph.bind(context, guidance_scale, extra)
+
+    def warmup(self, shapes=((1, None, None),), *, guidance: bool = True, chunks: int = 1,
+               hypernetworks=()) -> int:
+        """Capture the CUDA graphs for `shapes` — (batch, height, width) in pixels, None for
+        the native size — ahead of the first call, so a service's first request is as fast as
+        its last. `chunks`: prompt length in 75-token chunks. Returns the number of graphs
+        held. A no-op (0) without CUDA graphs."""
+        if self.graphs is None:
+            return 0
+        with self._lock, torch.inference_mode():
+            for path, s in _hn_pairs(hypernetworks):
+                if path not in self._call_hns:
+                    self._call_hns[path] = self._read_hypernetwork(path, s)
+            self._active_hypernetworks = self.hypernetworks + [self._call_hns[p] for p, _ in _hn_pairs(hypernetworks)]
+            self._set_kv_hook(_stack(self._active_hypernetworks))
+            try:
+                dim = self.text_encoder.config.hidden_size
+                in_ch = self.unet.config.in_channels
+                extra = in_ch - self.latent_channels if in_ch == 2 * self.latent_channels + 1 else 0
+                for batch, height, width in shapes:
+                    h = (height or self.info.native_size) // self.vae_factor
+                    w = (width or self.info.native_size) // self.vae_factor
+                    self.graphs.get(
+                        self.unet, self.schedule, self.info.prediction_type, batch=batch,
+                        latent_shape=(self.latent_channels, h, w), cfg=guidance,
+                        context_shape=(77 * chunks, dim), dtype=self.dtype, extra_channels=extra,
+                        hypernetworks=self._active_hypernetworks, device=self.device)
+            finally:
+                self._set_kv_hook(None)
+                self._active_hypernetworks = []
+        return len(self.graphs.graphs)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> scaled latents (the distribution's mean), float32."""
@@ -326,6 +385,12 @@ class Pipeline:
         with torch.inference_mode():
             img = self.vae.decode((latents / self.info.vae_scale).to(self.device, self.dtype)).float()
             return ((img + 1) / 2).clamp(0, 1)
+
+
+def _stack(active):
+    from fastdiff.formats import HypernetworkStack
+
+    return HypernetworkStack(active) if active else None
 
 
 def _hn_pairs(hypernetworks):
@@ -411,17 +476,21 @@ def _device_dtype(device, dtype):
     return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def load(path=None, *, device=None, dtype=None, config=None, vae=None) -> Pipeline:
+def load(path=None, *, device=None, dtype=None, config=None, vae=None, cuda_graphs=None,
+         channels_last=False) -> Pipeline:
     """Load any supported checkpoint: a diffusers folder or a single .safetensors/.ckpt file
     (SD 1.x/2.x, eps or v, inpainting); `vae` replaces its VAE with a standalone VAE file.
     No path: the small model that ships with fastdiff.
 
     device defaults to CUDA when present; dtype to float16 on CUDA and float32 on CPU.
-    `config` overrides what was detected (see fastdiff.formats.open_model)."""
+    `config` overrides what was detected (see fastdiff.formats.open_model). `cuda_graphs`
+    (default: on for CUDA) replays one captured graph per sampling step; `channels_last`
+    stores the UNet's convolutions NHWC."""
     from fastdiff.loader import load_pipeline
 
     device, dtype = _device_dtype(device, dtype)
-    return load_pipeline(path, device=device, dtype=dtype, config=config, vae=vae)
+    return load_pipeline(path, device=device, dtype=dtype, config=config, vae=vae,
+                         cuda_graphs=cuda_graphs, channels_last=channels_last)
 
 
 _CACHE: dict = {}

@@ -91,6 +91,7 @@ class Hypernetwork(nn.Module):
         self.name = name
         self.strength = float(strength)
         self.info = info or {}
+        self.strength_buffer = None  # 0-dim device tensor while captured in a CUDA graph
         self.layers = nn.ModuleDict({str(d): nn.ModuleList(list(kv)) for d, kv in sorted(modules.items())})
         self.eval()
         self.requires_grad_(False)
@@ -101,9 +102,12 @@ class Hypernetwork(nn.Module):
 
     def apply_kv(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.layers[str(ctx_k.shape[-1])] if str(ctx_k.shape[-1]) in self.layers else None
-        if pair is None or self.strength == 0.0:
+        # Inside a CUDA graph the strength is read from a device scalar (`strength_buffer`,
+        # refreshed before each replay), so changing it needs no re-capture.
+        s = self.strength if self.strength_buffer is None else self.strength_buffer
+        if pair is None or (self.strength_buffer is None and self.strength == 0.0):
             return ctx_k, ctx_v
-        return pair[0](ctx_k, self.strength), pair[1](ctx_v, self.strength)
+        return pair[0](ctx_k, s), pair[1](ctx_v, s)
 
     def forward(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.apply_kv(ctx, ctx)
