@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in order of importance, each step time-boxed so the others
+# still run: build, CUDA tests (kernels, ops, graphs), pipeline benchmark vs diffusers, kernel
+# benchmark. Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA,
+# triton, pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
+set -u
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc $((SECONDS - t0)) s"; tail -n "${TAIL:-15}" "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
+step tests "${TEST_SECS:-200}" python3 -m pytest -q -p no:cacheprovider -x -m "${TEST_MARK:-cuda or not cuda}" ${TESTS:-tests/test_kernels.py tests/test_ops.py tests/test_graphs.py tests/test_kernels_compile.py}
+step pipeline "${PIPE_SECS:-300}" python3 benchmarks/bench_pipeline.py ${PIPE_ARGS:-}
+step kernels "${KERN_SECS:-180}" python3 benchmarks/bench_kernels.py
+cp benchmarks/results/*.json "$OUT"/ 2>/dev/null
+ls "$OUT"
