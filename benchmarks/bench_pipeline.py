@@ -218,6 +218,14 @@ class Bench:
                 x1 = x[:1].float()
                 row["ms_fastdiff_graph_step"] = time_ms(lambda: step(x1, 3.0))
                 del step
+                # the same with the UNet's convolutions in channels_last (NHWC)
+                cl = load_fastdiff(self.root, self.device, self.dtype, channels_last=True)
+                step = StepGraph(cl.unet, cl.schedule, "epsilon", batch=1, latent_shape=(4, h, h),
+                                 cfg=True, context_shape=(77, ctx.shape[-1]), dtype=self.dtype,
+                                 device=self.device, channels_last=True).bind(ctx, 7.0)
+                row["ms_fastdiff_graph_step_channels_last"] = time_ms(lambda: step(x1, 3.0))
+                del step, cl
+                torch.cuda.empty_cache()
             if self.compile_baseline and CUDA:
                 compiled = torch.compile(self.ref.unet)
                 t0 = time.perf_counter()

@@ -65,6 +65,7 @@ ATTN_CASES = [
     (1, 1, 33, 154, 160, "proj"),  # D padded 160 -> 256, Lk = 154
     (2, 2, 64, 64, 64, "contig"),  # block multiples, [B, H, L, D] contiguous
     (1, 2, 50, 50, 40, "qkv"),  # q, k, v slices of one fused [B, L, 3*H*D] projection
+    (1, 2, 40, 128, 40, "proj"),  # only full key blocks, head dim masked
     pytest.param(2, 8, 4096, 4096, 40, "proj", marks=pytest.mark.cuda),
     pytest.param(2, 8, 1024, 77, 80, "proj", marks=pytest.mark.cuda),
     pytest.param(2, 8, 256, 231, 160, "proj", marks=pytest.mark.cuda),

@@ -44,6 +44,7 @@ def _configs():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     cfgs = []
     for bm, bn, warps, stages in [
+        (128, 128, 8, 3),
         (128, 64, 8, 3),
         (128, 64, 4, 3),
         (128, 32, 4, 3),
@@ -70,6 +71,43 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=smem)]
 
 
+@triton.jit
+def _attn_block(acc, l_i, m_i, qt, k_ptrs, v_ptrs, start_n, skn, svn, Lk, qk_scale, offs_n, mask_d,
+                BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
+    """One key/value block of the online softmax; MASK_N only for the last, partial block."""
+    if MASK_N:
+        mask_n = (start_n + offs_n) < Lk
+        kt = tl.load(k_ptrs + start_n * skn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+    elif EVEN_D:
+        kt = tl.load(k_ptrs + start_n * skn)
+    else:
+        kt = tl.load(k_ptrs + start_n * skn, mask=mask_d[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(qt, kt, input_precision="ieee")
+    else:
+        s = tl.dot(qt, kt)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    # Every key block holds at least one valid key, so m_new is finite after block one.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK_N:
+        vt = tl.load(v_ptrs + start_n * svn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        vt = tl.load(v_ptrs + start_n * svn)
+    else:
+        vt = tl.load(v_ptrs + start_n * svn, mask=mask_d[None, :], other=0.0)
+    if IEEE:
+        acc += tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(vt.dtype), vt)
+    return acc, l_i, m_new
+
+
 @triton.autotune(
     configs=_configs(),
     key=["Lq", "Lk", "BLOCK_D", "IEEE"],
@@ -85,6 +123,7 @@ def _attn_fwd(
     H, Lq, Lk, D,
     qk_scale,  # scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim mask on the key/value loads
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -108,27 +147,15 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        mask_n = (start_n + offs_n) < Lk
-        kt = tl.load(k_ptrs + start_n * skn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(qt, kt, input_precision="ieee")
-        else:
-            s = tl.dot(qt, kt)
-        s = s * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # Every key block holds at least one valid key, so m_new is finite after block one.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        vt = tl.load(v_ptrs + start_n * svn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(p, vt, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+    # Full key blocks need no key mask (self-attention: all of them); only a partial last block
+    # (cross-attention, Lk = 77k) is masked.
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, qt, k_ptrs, v_ptrs, start_n, skn, svn, Lk, qk_scale,
+                                    offs_n, mask_d, BLOCK_N, False, EVEN_D, IEEE)
+    if n_full < Lk:
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, qt, k_ptrs, v_ptrs, n_full, skn, svn, Lk, qk_scale,
+                                    offs_n, mask_d, BLOCK_N, True, EVEN_D, IEEE)
 
     acc = acc / l_i[:, None]
     o_ptrs = o + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -177,6 +204,6 @@ def attention(q, k, v, scale=None, out=None):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, Lq, Lk, D,
         scale * 1.4426950408889634,
-        BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
+        BLOCK_D=block_d, EVEN_D=D == block_d, IEEE=q.dtype == torch.float32,
     )
     return o
