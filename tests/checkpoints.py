@@ -6,6 +6,7 @@ fastdiff's reader, and is itself checked against diffusers' own LDM -> diffusers
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import math
 import os
@@ -317,6 +318,62 @@ def save_diffusers_folder(root: str, unet, vae, clip, *, prediction_type="epsilo
         json.dump({"model_max_length": 77, "pad_token": pad}, f)
     with open(os.path.join(d, "vocab.json"), "w") as f:
         json.dump({"!": 0, "<|startoftext|>": 49406, "<|endoftext|>": 49407}, f)
+    return root
+
+
+def write_clip_vocab(folder, pad_token="<|endoftext|>") -> str:
+    """vocab.json + merges.txt (+ tokenizer_config.json) of OpenAI CLIP's vocabulary, derived
+    from the bpe file fastdiff ships the way CLIP defines it (byte alphabet, alphabet + "</w>",
+    the first 48894 merges, then the two special tokens): a folder transformers'
+    CLIPTokenizer and fastdiff's CLIPTokenizer.from_folder both read."""
+    from fastdiff.tokenizer import DEFAULT_BPE_PATH
+
+    lines = gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    alphabet = [chr(c) for c in cs]
+    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_max_length": 77, "pad_token": pad_token}, f)
+    return folder
+
+
+def real_vocab_clip_config(width=64, layers=2) -> dict:
+    """tiny_clip_config with CLIP's real vocabulary size, context length and special ids, so
+    prompts go through the real tokenizer."""
+    cfg = tiny_clip_config(width=width, layers=layers)
+    cfg.update(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+               pad_token_id=49407)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def real_vocab_clip(seed=3):
+    return clip_model(real_vocab_clip_config(), seed)
+
+
+def save_tiny_sd1(root) -> str:
+    """A whole tiny SD 1.x diffusers folder (tiny_unet, tiny_vae, real_vocab_clip) whose
+    tokenizer/ holds CLIP's real vocabulary."""
+    import shutil
+
+    root = save_diffusers_folder(str(root), tiny_unet(), tiny_vae(), real_vocab_clip())
+    shutil.rmtree(os.path.join(root, "tokenizer"))
+    write_clip_vocab(os.path.join(root, "tokenizer"))
     return root
 
 

@@ -1,15 +1,16 @@
 """CLIP tokenizer: ids must equal transformers' CLIPTokenizer built from the vocabulary as
 OpenAI CLIP defines it (derived here independently from the shipped bpe file)."""
-import gzip
 import html
 import json
 import random
 import unicodedata
+from pathlib import Path
 
 import pytest
 
 from fastdiff import tokenizer as tokmod
-from fastdiff.tokenizer import DEFAULT_BPE_PATH, CLIPTokenizer
+from checkpoints import write_clip_vocab
+from fastdiff.tokenizer import CLIPTokenizer
 
 BOS, EOS = 49406, 49407
 
@@ -44,23 +45,7 @@ def _clip_clean(text):
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory):
     """vocab.json + merges.txt as OpenAI CLIP defines its vocabulary from the bpe file."""
-    lines = gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    alphabet = [chr(c) for c in cs]
-    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = tmp_path_factory.mktemp("clip_vocab")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return d
+    return Path(write_clip_vocab(tmp_path_factory.mktemp("clip_vocab")))
 
 
 @pytest.fixture(scope="module")
