@@ -97,9 +97,9 @@ def check_request(prompt, *, negative_prompt="", steps=20, guidance_scale=7.0,
             raise FileNotFoundError(f"hypernetwork {path} does not exist")
         if not math.isfinite(s):
             raise ValueError(f"hypernetwork strength must be finite, got {s!r} for {path}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     if init_image is not None:
-        if not isinstance(strength, (int, float)) or not (0.0 < strength <= 1.0):
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         init_image = _open_init_image(init_image)
     return _Request(prompts, negs, steps, float(guidance_scale), sampler, schedule, seed, width, height,
                     num_images, batch_size, hns, clip_skip, init_image, float(strength), output_type)
