@@ -86,9 +86,9 @@ def check_request(prompt, *, negative_prompt="", steps=20, guidance_scale=7.0,
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if seed is None:
-        seed = random.SystemRandom().randrange(MAX_SEED)
     total = len(prompts) * num_images
+    if seed is None:  # leave room for seed + total - 1
+        seed = random.SystemRandom().randrange(MAX_SEED - total + 2)
     if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed and seed + total - 1 <= MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED - total + 1}] for {total} images, got {seed!r}")
     hns = list(_hn_pairs(hypernetworks))
