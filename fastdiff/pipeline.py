@@ -303,10 +303,11 @@ class Pipeline:
             uncond, cond = ctx.chunk(2)
         sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
         if init is not None:
-            # A1111 img2img: the last int(strength * steps) steps of the full schedule, starting
-            # from the encoded image (the latent mean) noised to that step's sigma.
-            t_enc = max(int(min(req.strength, 0.999) * req.steps), 1)
-            sig = sig[req.steps - t_enc:]
+            # A1111 img2img: t_enc = int(min(strength, 0.999) * steps); it samples the last
+            # t_enc + 1 steps of the full schedule (strength 1: all of them, from sigma_max),
+            # starting from the encoded image (the latent mean) noised to the first one's sigma.
+            t_enc = int(min(req.strength, 0.999) * req.steps)
+            sig = sig[req.steps - t_enc - 1:]
             x0 = self.encode_images(init.to(self.device)).expand(len(seeds), -1, -1, -1)
             x = x0 + noise * float(sig[0])
         else:
