@@ -128,7 +128,7 @@ class Pipeline:
         self.latent_channels = vae.config.latent_channels
         self.embeddings: dict[str, torch.Tensor] = {}  # name -> [n, dim]
         self.hypernetworks: list = []  # loaded with load_hypernetwork: applied on every call
-        self._call_hns: dict = {}  # path -> Hypernetwork named in a call's `hypernetworks`
+        self._call_hns: dict = {}  # (path, k) -> k-th Hypernetwork of that file in a call
         self._active_hypernetworks: list = []  # during a call: the stack its kv_hook applies
         self._lock = threading.RLock()
         # The fast path: on CUDA, each sampling step replays a captured graph of the denoiser.
@@ -207,6 +207,18 @@ class Pipeline:
                              f"attention inputs {sorted(ctx_widths)}")
         return hn.to(self.device, self.dtype).eval().requires_grad_(False)
 
+    def _call_hypernetworks(self, pairs) -> list:
+        """The hypernetworks a call names, as (path, strength) pairs, read once and cached. The
+        same file twice in one call is two hypernetworks, each at its own strength."""
+        out = []
+        for n, (path, s) in enumerate(pairs):
+            key = (path, [p for p, _ in pairs[:n]].count(path))
+            if key not in self._call_hns:
+                self._call_hns[key] = self._read_hypernetwork(path, s)
+            self._call_hns[key].strength = s
+            out.append(self._call_hns[key])
+        return out
+
     def _set_kv_hook(self, hook) -> None:
         for m in self.unet.attention_modules():
             m.kv_hook = hook
@@ -243,11 +255,7 @@ class Pipeline:
         batch = req.batch_size or min(total, 8)
 
         with self._lock, torch.inference_mode():
-            for path, s in req.hypernetworks:
-                if path not in self._call_hns:
-                    self._call_hns[path] = self._read_hypernetwork(path, s)
-                self._call_hns[path].strength = s
-            active = self.hypernetworks + [self._call_hns[p] for p, _ in req.hypernetworks]
+            active = self.hypernetworks + self._call_hypernetworks(req.hypernetworks)
             self._active_hypernetworks = active
             self._set_kv_hook(_stack(active))
             jobs = [(pi, i) for pi in range(len(req.prompts)) for i in range(req.num_images)]
@@ -353,10 +361,7 @@ class Pipeline:
         if self.graphs is None:
             return 0
         with self._lock, torch.inference_mode():
-            for path, s in _hn_pairs(hypernetworks):
-                if path not in self._call_hns:
-                    self._call_hns[path] = self._read_hypernetwork(path, s)
-            self._active_hypernetworks = self.hypernetworks + [self._call_hns[p] for p, _ in _hn_pairs(hypernetworks)]
+            self._active_hypernetworks = self.hypernetworks + self._call_hypernetworks(list(_hn_pairs(hypernetworks)))
             self._set_kv_hook(_stack(self._active_hypernetworks))
             try:
                 dim = self.text_encoder.config.hidden_size
