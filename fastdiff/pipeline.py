@@ -259,15 +259,17 @@ class Pipeline:
             self._active_hypernetworks = active
             self._set_kv_hook(_stack(active))
             jobs = [(pi, i) for pi in range(len(req.prompts)) for i in range(req.num_images)]
+            ks = self._chunk_counts(req)
             outputs, params = [], []
             bar = _progress(total * req.steps, progress)
             try:
-                for start in range(0, total, batch):
-                    chunk = jobs[start:start + batch]
-                    seeds = [req.seed + start + j for j in range(len(chunk))]
+                for run in _batches([ks[pi] for pi, _ in jobs], batch):
+                    start, chunk = run[0], [jobs[j] for j in run]
+                    seeds = [req.seed + j for j in run]
                     lat = self._sample(
                         req, [req.prompts[pi] for pi, _ in chunk], [req.negs[pi] for pi, _ in chunk], seeds,
                         shape=shape, init=init, callback=callback, eta=eta, s_noise=s_noise, bar=bar,
+                        n_chunks=ks[chunk[0][0]],
                         latents=None if latents is None else latents[start:start + len(chunk)])
                     outputs.append(lat if req.output_type == "latent" else self.decode(lat))
                     for (pi, _), s in zip(chunk, seeds):
@@ -291,7 +293,20 @@ class Pipeline:
             version=__version__,
         )
 
-    def _sample(self, req, prompts, negs, seeds, *, shape, init, callback, eta, s_noise, bar, latents):
+    def _chunk_counts(self, req) -> list:
+        """CLIP chunks per prompt of a call: its own count, with CFG the larger of it and its
+        negative prompt's (cond and uncond share a UNet batch). Only images with equal counts
+        share a batch, so no prompt is padded because of another prompt of the call."""
+        from fastdiff import prompts as P
+
+        counts = {name: v.shape[0] for name, v in self.embeddings.items()}
+
+        def n(text):
+            return len(P.tokenize(text, self.tokenizer, counts))
+
+        return [max(n(p), n(q) if req.guidance_scale != 1.0 else 1) for p, q in zip(req.prompts, req.negs)]
+
+    def _sample(self, req, prompts, negs, seeds, *, shape, init, callback, eta, s_noise, bar, latents, n_chunks):
         # One CPU generator per image, for the initial noise and every later noise draw: the
         # same seed gives the same image at any batch size and on any device.
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -305,9 +320,9 @@ class Pipeline:
 
         noise = draw() if latents is None else latents.to(self.device, torch.float32)
         if req.guidance_scale == 1.0:
-            cond, uncond = self.encode_prompt(prompts, req.clip_skip), None
+            cond, uncond = self.encode_prompt(prompts, req.clip_skip, n_chunks=n_chunks), None
         else:
-            ctx = self.encode_prompt(list(negs) + list(prompts), req.clip_skip)
+            ctx = self.encode_prompt(list(negs) + list(prompts), req.clip_skip, n_chunks=n_chunks)
             uncond, cond = ctx.chunk(2)
         sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
         if init is not None:
@@ -407,6 +422,17 @@ def _hn_pairs(hypernetworks):
             yield os.fspath(h[0]), float(h[1])
         else:
             yield os.fspath(h), 1.0
+
+
+def _batches(keys, size) -> list:
+    """Indices 0..len(keys)-1 cut into runs of equal consecutive keys, at most `size` long."""
+    runs = []
+    for i, k in enumerate(keys):
+        if runs and len(runs[-1]) < size and keys[runs[-1][0]] == k:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _progress(total, enabled):
