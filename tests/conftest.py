@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD 1.x diffusers folder with CLIP's real vocabulary (tests/checkpoints.py)."""
+    from checkpoints import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("tiny_sd") / "tiny-sd1")
