@@ -261,7 +261,8 @@ class Pipeline:
             jobs = [(pi, i) for pi in range(len(req.prompts)) for i in range(req.num_images)]
             ks = self._chunk_counts(req)
             outputs, params = [], []
-            bar = _progress(total * req.steps, progress)
+            per_image = req.steps if req.init_image is None else _img2img_steps(req.strength, req.steps)
+            bar = _progress(total * per_image, progress)  # image-steps
             try:
                 for run in _batches([ks[pi] for pi, _ in jobs], batch):
                     start, chunk = run[0], [jobs[j] for j in run]
@@ -326,11 +327,9 @@ class Pipeline:
             uncond, cond = ctx.chunk(2)
         sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
         if init is not None:
-            # A1111 img2img: t_enc = int(min(strength, 0.999) * steps); it samples the last
-            # t_enc + 1 steps of the full schedule (strength 1: all of them, from sigma_max),
-            # starting from the encoded image (the latent mean) noised to the first one's sigma.
-            t_enc = int(min(req.strength, 0.999) * req.steps)
-            sig = sig[req.steps - t_enc - 1:]
+            # The last steps of the full schedule, from the encoded image (the latent mean)
+            # noised to the first one's sigma.
+            sig = sig[req.steps - _img2img_steps(req.strength, req.steps):]
             x0 = self.encode_images(init.to(self.device)).expand(len(seeds), -1, -1, -1)
             x = x0 + noise * float(sig[0])
         else:
@@ -347,7 +346,7 @@ class Pipeline:
 
         def cb(d):
             if bar is not None:
-                bar.update(1)
+                bar.update(len(seeds))
             if callback is not None:
                 callback(d)
 
@@ -422,6 +421,12 @@ def _hn_pairs(hypernetworks):
             yield os.fspath(h[0]), float(h[1])
         else:
             yield os.fspath(h), 1.0
+
+
+def _img2img_steps(strength: float, steps: int) -> int:
+    """A1111 img2img samples t_enc + 1 steps, t_enc = int(min(strength, 0.999) * steps)
+    (sd_samplers_kdiffusion: sigmas[steps - t_enc - 1:]); strength 1: all of them."""
+    return int(min(strength, 0.999) * steps) + 1
 
 
 def _batches(keys, size) -> list:
