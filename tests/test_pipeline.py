@@ -546,3 +546,11 @@ def test_callback_once_per_step(pipe):
         assert sig == sorted(sig, reverse=True) and sig[0] == pytest.approx(float(sampling.sigmas("normal", steps)[0]))
         assert all(d["x"].shape == d["denoised"].shape == (2, *LATENT) for d in calls)
         torch.testing.assert_close(calls[-1]["denoised"], out, rtol=1e-5, atol=1e-6)  # last step lands on x0
+
+
+def test_progress_bar_counts_image_steps(pipe, init_image, capsys):
+    pipe("a cat", steps=3, num_images=3, batch_size=2, progress=True, output_type="latent", **SIZE)
+    err = capsys.readouterr().err
+    assert "9/9" in err and "100%" in err
+    pipe("a cat", steps=4, strength=0.5, init_image=init_image, progress=True, output_type="latent", **SIZE)
+    assert "3/3" in capsys.readouterr().err  # A1111 img2img: int(0.5 * 4) + 1 steps
