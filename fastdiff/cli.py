@@ -111,10 +111,41 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from fastdiff.formats import describe
+    from fastdiff import formats as F
 
-    print(describe(args.path))
-    return 0
+    try:
+        print(F.describe(args.path))
+        return 0
+    except F.FormatError as e:
+        model_error = e
+    # Not a whole model: one of the add-ons `generate` takes, or a standalone VAE.
+    for read, show in ((F.load_hypernetwork, _hypernetwork_lines), (F.load_embedding, _embedding_lines),
+                       (F.open_vae, _vae_lines)):
+        try:
+            found = read(args.path)
+        except F.FormatError:
+            continue
+        print("\n".join([f"path:        {args.path}", *show(found)]))
+        return 0
+    raise model_error
+
+
+def _hypernetwork_lines(hn):
+    return [f"kind:        hypernetwork ({hn.info.get('format', 'A1111')})", f"name:        {hn.name}",
+            f"widths:      {hn.dims}", f"params:      {sum(p.numel() for p in hn.parameters()):,}"]
+
+
+def _embedding_lines(emb):
+    return ["kind:        textual-inversion embedding",
+            f"name:        {emb.name} (write it in a prompt)",
+            f"vectors:     {emb.num_vectors} x {emb.width}"]
+
+
+def _vae_lines(vae):
+    c = vae.config
+    return ["kind:        VAE (KL)", f"widths:      {c.get('block_out_channels')}",
+            f"latents:     {c.get('latent_channels')} channels, scaling factor {c.get('scaling_factor')}",
+            f"tensors:     {len(vae)}"]
 
 
 def _cmd_bench(args) -> int:
