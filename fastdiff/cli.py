@@ -81,6 +81,8 @@ def _cmd_generate(args) -> int:
 
     from fastdiff.pipeline import generate
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is not a folder")
     width, height = args.size if args.size else (None, None)
     result = generate(
         args.prompt,
