@@ -505,7 +505,12 @@ def _convert(images: torch.Tensor, output_type: str):
 # ---------------------------------------------------------------------- load / generate
 
 def _device_dtype(device, dtype):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch sees no CUDA device")
     if isinstance(dtype, str):
         if dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
