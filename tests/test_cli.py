@@ -163,7 +163,8 @@ def test_info_add_ons_and_errors(tiny_sd_dir, hn_file, tmp_path, capsys):
     assert "textual-inversion embedding" in out and "my-style" in out and "3 x 64" in out
     assert cli.main(["info", f"{tiny_sd_dir}/vae"]) == 0
     assert "VAE (KL)" in capsys.readouterr().out
-    for path, msg in ((tmp_path / "nothing", "no such file or directory"), (_cmyk_file(tmp_path), "not a weight file")):
+    for path, msg in ((tmp_path / "nothing", "no such file or directory"),
+                      (_cmyk_file(tmp_path), "not a weight file")):
         assert cli.main(["info", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"fastdiff info: error: {path}") and msg in err and err.count("\n") == 1

@@ -108,7 +108,8 @@ def _dpmpp_2m():
     return sched, s / math.sqrt(1 + s * s)
 
 
-@pytest.mark.parametrize("sampler,schedule,reference", [("euler", "normal", _euler), ("dpmpp_2m", "simple", _dpmpp_2m)])
+@pytest.mark.parametrize("sampler,schedule,reference",
+                         [("euler", "normal", _euler), ("dpmpp_2m", "simple", _dpmpp_2m)])
 def test_final_latents_match_diffusers(pipe, sampler, schedule, reference):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -224,6 +225,8 @@ BAD = [
     (dict(num_images=0), ValueError, r"num_images must be an integer >= 1, got 0"),
     (dict(seed=-1), ValueError, r"seed must be .* got -1"),
     (dict(guidance_scale=float("nan")), ValueError, r"guidance_scale must be a finite number"),
+    (dict(negative_prompt=["x", "y"]), ValueError, r"2 negative prompts for 1 prompts"),
+    (dict(clip_skip=0), ValueError, r"clip_skip must be an integer >= 1, got 0"),
     (dict(init_image="CMYK"), ValueError, r"init image has mode 'CMYK'"),
     (dict(init_image="missing.png"), FileNotFoundError, r"init image .*missing\.png does not exist"),
     (dict(init_image="notimage.png"), ValueError, r"init image .*notimage\.png is not a readable image"),
@@ -400,8 +403,10 @@ def _write_hypernetwork(path, seed):
     g = torch.Generator().manual_seed(seed)
 
     def module(d):
-        return {"linear1.weight": torch.randn(2 * d, d, generator=g) / d ** 0.5, "linear1.bias": 0.1 * torch.randn(2 * d, generator=g),
-                "linear2.weight": torch.randn(d, 2 * d, generator=g) / (2 * d) ** 0.5, "linear2.bias": 0.1 * torch.randn(d, generator=g)}
+        return {"linear1.weight": torch.randn(2 * d, d, generator=g) / d ** 0.5,
+                "linear1.bias": 0.1 * torch.randn(2 * d, generator=g),
+                "linear2.weight": torch.randn(d, 2 * d, generator=g) / (2 * d) ** 0.5,
+                "linear2.bias": 0.1 * torch.randn(d, generator=g)}
 
     torch.save({d: [module(d), module(d)] for d in (32, 64)}, path)
     return str(path)
@@ -543,7 +548,8 @@ def test_callback_once_per_step(pipe):
                    callback=calls.append, **SIZE).images
         assert [d["i"] for d in calls] == list(range(steps))
         sig = [d["sigma"] for d in calls]
-        assert sig == sorted(sig, reverse=True) and sig[0] == pytest.approx(float(sampling.sigmas("normal", steps)[0]))
+        assert sig == sorted(sig, reverse=True)
+        assert sig[0] == pytest.approx(float(sampling.sigmas("normal", steps)[0]))
         assert all(d["x"].shape == d["denoised"].shape == (2, *LATENT) for d in calls)
         torch.testing.assert_close(calls[-1]["denoised"], out, rtol=1e-5, atol=1e-6)  # last step lands on x0
 
