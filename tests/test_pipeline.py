@@ -560,3 +560,24 @@ def test_progress_bar_counts_image_steps(pipe, init_image, capsys):
     assert "9/9" in err and "100%" in err
     pipe("a cat", steps=4, strength=0.5, init_image=init_image, progress=True, output_type="latent", **SIZE)
     assert "3/3" in capsys.readouterr().err  # A1111 img2img: int(0.5 * 4) + 1 steps
+
+
+def test_generate_loads_once_and_checks_first(tiny_sd_dir, monkeypatch):
+    from fastdiff import loader
+    from fastdiff import pipeline as P
+
+    loads = []
+    real = loader.load_pipeline
+
+    def counting(*a, **k):
+        loads.append(k["dtype"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(loader, "load_pipeline", counting)
+    monkeypatch.setattr(P, "_CACHE", {})
+    kw = dict(model=tiny_sd_dir, steps=1, seed=3, output_type="latent", device="cpu", **SIZE)
+    a = fastdiff.generate("a cat", **kw)
+    b = fastdiff.generate("a cat", **kw)
+    assert loads == [torch.float32] and torch.equal(a.images, b.images)
+    fastdiff.generate("a cat", dtype="bfloat16", **kw)  # another dtype: loaded again, replacing it
+    assert loads == [torch.float32, torch.bfloat16] and len(P._CACHE) == 1
