@@ -80,19 +80,35 @@ class Spy:
 # ------------------------------------------------------------------------- parity with diffusers
 
 _TRAINING = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 prediction_type="epsilon", steps_offset=1)  # steps_offset: unused by these spacings
+                 steps_offset=1)  # steps_offset: unused by these spacings
 
 
-def _euler():
+@pytest.fixture(scope="module")
+def v_pipe(tiny_sd_dir, tmp_path_factory):
+    """The tiny model as an SD 2.x-style v-prediction model whose tokenizer pads with "!" (id 0)."""
+    import json
+    import shutil
+
+    root = shutil.copytree(tiny_sd_dir, tmp_path_factory.mktemp("v") / "tiny-v")
+    for name, key, value in (("scheduler/scheduler_config.json", "prediction_type", "v_prediction"),
+                             ("tokenizer/tokenizer_config.json", "pad_token", "!")):
+        cfg = json.loads((root / name).read_text())
+        (root / name).write_text(json.dumps({**cfg, key: value}))
+    p = fastdiff.load(root, device="cpu", dtype=torch.float32)
+    assert p.info.prediction_type == "v_prediction" and p.tokenizer.pad_id == 0
+    return p
+
+
+def _euler(prediction_type):
     from diffusers import EulerDiscreteScheduler
 
     # "normal" = timesteps linspace(999, 0, steps), as diffusers' "linspace" spacing. For 10 steps
     # these are integers, where diffusers' linear-in-sigma and k-diffusion's log-sigma
     # interpolation agree. init_noise_sigma = sigma_max: both start at sigma_max * noise.
-    return EulerDiscreteScheduler(timestep_spacing="linspace", **_TRAINING), 1.0
+    return EulerDiscreteScheduler(timestep_spacing="linspace", prediction_type=prediction_type, **_TRAINING), 1.0
 
 
-def _dpmpp_2m():
+def _dpmpp_2m(prediction_type):
     from diffusers import DPMSolverMultistepScheduler
 
     # "simple" = every 100th training sigma from t = 999 down (999, 899, ..., 99), which is
@@ -100,7 +116,7 @@ def _dpmpp_2m():
     # (lower_order_final, final sigma 0), as k-diffusion's sample_dpmpp_2m.
     sched = DPMSolverMultistepScheduler(timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2,
                                         solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-                                        use_karras_sigmas=False, **_TRAINING)
+                                        use_karras_sigmas=False, prediction_type=prediction_type, **_TRAINING)
     # diffusers' DPM-Solver works on the variance-preserving x_vp = x / sqrt(1 + sigma^2) and
     # starts from unit noise (init_noise_sigma 1); k-diffusion starts at x = sigma_max * noise.
     # Same trajectory after the change of variables, and at sigma = 0 both are the latents.
@@ -108,17 +124,22 @@ def _dpmpp_2m():
     return sched, s / math.sqrt(1 + s * s)
 
 
-@pytest.mark.parametrize("sampler,schedule,reference",
-                         [("euler", "normal", _euler), ("dpmpp_2m", "simple", _dpmpp_2m)])
-def test_final_latents_match_diffusers(pipe, sampler, schedule, reference):
+@pytest.mark.parametrize("model,sampler,schedule,reference", [
+    ("pipe", "euler", "normal", _euler),
+    ("pipe", "dpmpp_2m", "simple", _dpmpp_2m),
+    ("v_pipe", "euler", "normal", _euler),
+])
+def test_final_latents_match_diffusers(request, model, sampler, schedule, reference):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
+
+    pipe = request.getfixturevalue(model)
 
     # No A1111 syntax here: diffusers would read brackets as text.
     prompt, negative, seed, n = "a red balloon over a lake, at sunset", "blurry, grey", 1234, 2
     out = pipe(prompt, negative_prompt=negative, steps=10, guidance_scale=7.0, sampler=sampler, schedule=schedule,
                seed=seed, num_images=n, output_type="latent", **SIZE).images
-    scheduler, start_scale = reference()
+    scheduler, start_scale = reference(pipe.info.prediction_type)
     ref_pipe = StableDiffusionPipeline(
         vae=tiny_vae(), text_encoder=real_vocab_clip(), unet=tiny_unet(), scheduler=scheduler,
         tokenizer=CLIPTokenizer.from_pretrained(f"{pipe.info.path}/tokenizer"),
