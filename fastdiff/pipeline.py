@@ -17,7 +17,7 @@ import torch
 from fastdiff import __version__, ops, sampling
 from fastdiff.denoiser import Denoiser, DiscreteSigmas
 from fastdiff.graphs import GraphCache
-from fastdiff.results import GenerationResult
+from fastdiff.results import GenerationResult, parameters_text
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2**32 - 1
@@ -280,7 +280,11 @@ class Pipeline:
                 self._active_hypernetworks = []
                 if bar is not None:
                     bar.close()
-        return GenerationResult(_convert(torch.cat(outputs), req.output_type), params, req.output_type)
+        images = _convert(torch.cat(outputs), req.output_type)
+        if req.output_type == "pil":  # as A1111's images: image.info["parameters"] is the infotext
+            for img, p in zip(images, params):
+                img.info["parameters"] = parameters_text(p)
+        return GenerationResult(images, params, req.output_type)
 
     def _parameters(self, req, pi, seed, width, height, active) -> dict:
         return dict(
