@@ -348,6 +348,7 @@ def test_png_parameters_chunk(pipe, tmp_path):
         with Image.open(path) as f:
             text = f.text["parameters"]
             assert np.array_equal(np.asarray(f.convert("RGB")), np.asarray(img))
+        assert img.info["parameters"] == text  # the returned image carries it too, as A1111's do
         p, n, kv = _parse_infotext(text)
         assert (p, n) == (prompt, negative)
         assert kv["Steps"] == "2" and kv["Sampler"] == "Euler a" and float(kv["CFG scale"]) == 6.5
@@ -355,6 +356,16 @@ def test_png_parameters_chunk(pipe, tmp_path):
         assert kv["Model hash"] == model_hash and kv["Model"] == "tiny-sd1"
     again = r.save(str(tmp_path))  # never overwrites
     assert [p.rsplit("/", 1)[1] for p in again] == ["99-1.png", "100-1.png"]
+
+
+def test_loaded_hypernetwork_of_other_widths_is_refused(pipe, monkeypatch, tmp_path):
+    path = tmp_path / "wide.pt"
+    torch.save({48: [{"linear1.weight": torch.randn(96, 48), "linear1.bias": torch.zeros(96),
+                      "linear2.weight": torch.randn(48, 96), "linear2.bias": torch.zeros(48)}] * 2}, path)
+    spy = Spy(pipe, monkeypatch)
+    with pytest.raises(ValueError, match=r"wide\.pt: its widths \[48\] match none of this model's attention inputs"):
+        pipe("a cat", hypernetworks=[str(path)], steps=2, **SIZE)
+    assert not spy.unet_batches and not spy.vae_calls
 
 
 def test_result_parameters(pipe):
