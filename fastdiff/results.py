@@ -2,6 +2,7 @@
 that A1111-compatible tools read (a `parameters` tEXt chunk)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -58,8 +59,8 @@ def parameters_text(p: dict) -> str:
         if v is None:
             continue
         s = str(v)
-        if "," in s or ":" in s:
-            s = '"' + s.replace('"', "'") + '"'
+        if "," in s or ":" in s or "\n" in s:
+            s = json.dumps(s, ensure_ascii=False)  # A1111's quote(); its parser json-decodes it
         kv.append(f"{k}: {s}")
     lines.append(", ".join(kv))
     return "\n".join(lines)
