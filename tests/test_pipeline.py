@@ -2,6 +2,7 @@
 prompts go through CLIP's real vocabulary: parity with diffusers' StableDiffusionPipeline,
 seeds, classifier-free guidance batching, input checks before any work, PNG parameters,
 img2img, hypernetworks and embeddings, concurrent calls, output types."""
+import json
 import math
 import re
 import threading
@@ -331,8 +332,25 @@ def _parse_infotext(text):
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(line)
-    kv = {k.strip(): v.strip().strip('"') for k, v in _A1111_KV.findall(last)}
+    kv = {}
+    for k, v in _A1111_KV.findall(last):
+        v = v.strip()
+        kv[k.strip()] = json.loads(v) if v[:1] == v[-1:] == '"' else v  # A1111's unquote()
     return "\n".join(prompt), "\n".join(negative), kv
+
+
+def test_infotext_values_round_trip_through_a1111_parsing():
+    from fastdiff.results import parameters_text
+
+    model, hns = 'my "best", model:v2', "style:0.5, other:1"
+    p = dict(prompt="a cat,\nsecond line", negative_prompt="ugly: very", steps=2, sampler="dpmpp_2m",
+             schedule="karras", guidance_scale=7.5, seed=1, width=32, height=48, clip_skip=2, model_hash="0123abcdef",
+             model_name=model, hypernetworks=hns, version="9.9")
+    prompt, negative, kv = _parse_infotext(parameters_text(p))
+    assert (prompt, negative) == ("a cat,\nsecond line", "ugly: very")
+    assert kv == {"Steps": "2", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.5", "Seed": "1",
+                  "Size": "32x48", "Model hash": "0123abcdef", "Model": model, "Clip skip": "2",
+                  "Hypernetworks": hns, "Version": "fastdiff 9.9"}
 
 
 def test_png_parameters_chunk(pipe, tmp_path):
