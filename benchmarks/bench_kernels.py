@@ -260,8 +260,12 @@ def run_case(name, kind, p, device="cuda"):
 
 
 def _git_commit():
+    # FASTDIFF_COMMIT wins: a copied working tree (a device machine's) may carry a stale .git.
+    if os.environ.get("FASTDIFF_COMMIT"):
+        return os.environ["FASTDIFF_COMMIT"]
     try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 

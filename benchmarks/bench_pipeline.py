@@ -327,11 +327,14 @@ def memory_child(which: str, root: Path, tiny: bool) -> int:
 
 
 def _git_commit():
+    # FASTDIFF_COMMIT wins: a copied working tree (a device machine's) may carry a stale .git.
+    if os.environ.get("FASTDIFF_COMMIT"):
+        return os.environ["FASTDIFF_COMMIT"]
     try:
         return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
-        return os.environ.get("FASTDIFF_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:

@@ -149,3 +149,13 @@ def test_cuda_concurrent_calls(model_dir):
         t.join()
     for a, b in zip(results, serial):
         assert torch.equal(a, b)
+
+
+def test_channels_last_unet_matches(model_dir):
+    """channels_last (an option on CUDA, measured faster there) changes memory layout only."""
+    ref = fastdiff.load(model_dir, device="cpu")
+    cl = _eager_graphs(fastdiff.load(model_dir, device="cpu", channels_last=True))
+    cl.graphs.channels_last = True
+    assert cl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    kw = dict(ARGS, seed=9, num_images=2)
+    assert C.rel_err(cl("a red circle", **kw).images, ref("a red circle", **kw).images) <= 1e-5
