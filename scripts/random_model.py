@@ -1,0 +1,89 @@
+"""Write a small randomly initialised SD 1.x-architecture model as a diffusers folder.
+
+    python scripts/random_model.py OUT_DIR [--size 256] [--seed 0]
+
+No weights can be downloaded where fastdiff is developed, so this is what the main command runs
+on until a trained model ships: it exercises every part (CLIP tokenizer and text encoder,
+cross-attention UNet, KL VAE, sampler, PNG writer) and produces noise-like pictures. Built
+with fastdiff's own model code (torch's default initialisation, seeded), saved fp32
+safetensors in the layout `save_pretrained` writes, so diffusers can open it too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+
+def configs(size: int) -> dict:
+    latent = size // 8
+    unet = {
+        "_class_name": "UNet2DConditionModel", "sample_size": latent, "in_channels": 4, "out_channels": 4,
+        "layers_per_block": 1, "block_out_channels": [64, 128, 128], "cross_attention_dim": 128,
+        "attention_head_dim": 8, "norm_num_groups": 32,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    vae = {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "layers_per_block": 1, "block_out_channels": [32, 32, 64, 64], "norm_num_groups": 32,
+        "sample_size": size, "scaling_factor": 0.18215,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
+    text = {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, "projection_dim": 128,
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def write(out: str, size: int = 256, seed: int = 0) -> str:
+    from fastdiff.models.clip import CLIPTextEncoder
+    from fastdiff.models.unet import UNet2DCondition
+    from fastdiff.models.vae import AutoencoderKL
+
+    if size % 64:
+        raise SystemExit(f"--size must be a multiple of 64, got {size}")
+    cfg = configs(size)
+    torch.manual_seed(seed)
+    modules = {"unet": UNet2DCondition(cfg["unet"]), "vae": AutoencoderKL(cfg["vae"]),
+               "text_encoder": CLIPTextEncoder(cfg["text_encoder"])}
+    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+             "text_encoder": "model.safetensors"}
+    for name, module in modules.items():
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg[name], f, indent=2)
+        sd = {k: v.contiguous() for k, v in module.state_dict().items()}
+        save_file(sd, os.path.join(d, files[name]), metadata={"format": "pt"})
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+                   "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+                   "prediction_type": "epsilon"}, f, indent=2)
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f, indent=2)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="folder to write (created)")
+    p.add_argument("--size", type=int, default=256, help="native image size in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    a = p.parse_args(argv)
+    print(write(a.out, a.size, a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
