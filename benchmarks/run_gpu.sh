@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 [ -n "${NO_TESTS:-}" ] || step tests "${TEST_SECS:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:--n 8} -m "${TEST_MARK:-cuda or not cuda}" ${TESTS:-tests/test_kernels.py tests/test_ops.py tests/test_graphs.py tests/test_kernels_compile.py}
-[ -n "${NO_PIPELINE:-}" ] || step pipeline "${PIPE_SECS:-300}" python3 benchmarks/bench_pipeline.py ${PIPE_ARGS:-}
+[ -n "${NO_PIPELINE:-}" ] || step pipeline "${PIPE_SECS:-300}" python3 -m fastdiff.bench ${PIPE_ARGS:-}
 [ -n "${NO_KERNELS:-}" ] || step kernels "${KERN_SECS:-180}" python3 benchmarks/bench_kernels.py
 cp benchmarks/results/*.json "$OUT"/ 2>/dev/null
 ls "$OUT"
