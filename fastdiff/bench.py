@@ -394,7 +394,7 @@ def run_all(tiny: bool, compile_baseline: bool, root: Path | None = None, out_di
     return b.rows, write_results(b.rows, tiny, out_dir)
 
 
-def main(argv=None, *, out=None, quick=False) -> int:
+def main(argv=None, *, out=None, quick=False, compile_baseline=False) -> int:
     for mod in ("diffusers", "transformers"):
         try:
             __import__(mod)
@@ -408,10 +408,11 @@ def main(argv=None, *, out=None, quick=False) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--skip", action="append", default=[], help="skip a row (repeatable)")
     p.add_argument("--memory", choices=["diffusers", "fastdiff"], help=argparse.SUPPRESS)
-    a = p.parse_args(argv if argv is not None else (sys.argv[1:] if out is None and not quick else []))
+    a = p.parse_args(argv if argv is not None else (sys.argv[1:] if out is None and not quick and not compile_baseline else []))
     if out is not None:
         a.out = Path(out)
     a.quick = a.quick or quick
+    a.compile = a.compile or compile_baseline
     tiny = a.quick or not CUDA
     if a.memory:
         print(memory_child(a.memory, a.root, tiny))

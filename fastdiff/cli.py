@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time fastdiff against diffusers on identical random weights")
     b.add_argument("--out", default=None, help="write the results JSON here")
     b.add_argument("--quick", action="store_true", help="reduced configuration (CPU smoke run)")
+    b.add_argument("--compile", action="store_true", help="add torch.compile(diffusers UNet) as a second baseline")
     b.set_defaults(func=_cmd_bench)
     p.epilog = f"fastdiff {__version__}. `fastdiff COMMAND --help` describes each command."
     return p
@@ -153,7 +154,7 @@ def _vae_lines(vae):
 def _cmd_bench(args) -> int:
     from fastdiff.bench import main as bench_main
 
-    return bench_main(out=args.out, quick=args.quick)
+    return bench_main(out=args.out, quick=args.quick, compile_baseline=args.compile)
 
 
 def main(argv=None) -> int:
