@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -259,15 +258,7 @@ def run_case(name, kind, p, device="cuda"):
 # report
 
 
-def _git_commit():
-    # FASTDIFF_COMMIT wins: a copied working tree (a device machine's) may carry a stale .git.
-    if os.environ.get("FASTDIFF_COMMIT"):
-        return os.environ["FASTDIFF_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+from fastdiff.bench import _git_commit  # noqa: E402  (FASTDIFF_COMMIT, else git)
 
 
 def write_results(rows):
