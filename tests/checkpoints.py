@@ -366,12 +366,12 @@ def real_vocab_clip(seed=3):
     return clip_model(real_vocab_clip_config(), seed)
 
 
-def save_tiny_sd1(root) -> str:
-    """A whole tiny SD 1.x diffusers folder (tiny_unet, tiny_vae, real_vocab_clip) whose
-    tokenizer/ holds CLIP's real vocabulary."""
+def save_tiny_sd1(root, unet=None, vae=None) -> str:
+    """A whole tiny SD 1.x diffusers folder (tiny_unet, tiny_vae unless given; real_vocab_clip)
+    whose tokenizer/ holds CLIP's real vocabulary."""
     import shutil
 
-    root = save_diffusers_folder(str(root), tiny_unet(), tiny_vae(), real_vocab_clip())
+    root = save_diffusers_folder(str(root), unet or tiny_unet(), vae or tiny_vae(), real_vocab_clip())
     shutil.rmtree(os.path.join(root, "tokenizer"))
     write_clip_vocab(os.path.join(root, "tokenizer"))
     return root

@@ -631,3 +631,46 @@ def test_generate_loads_once_and_checks_first(tiny_sd_dir, monkeypatch):
     assert loads == [torch.float32] and torch.equal(a.images, b.images)
     fastdiff.generate("a cat", dtype="bfloat16", **kw)  # another dtype: loaded again, replacing it
     assert loads == [torch.float32, torch.bfloat16] and len(P._CACHE) == 1
+
+
+def test_inpainting_unet_txt2img_matches_diffusers(tmp_path):
+    """A 9-channel (inpainting) UNet asked for txt2img paints everything: UNet input
+    [latents, mask 1, latents of an all-grey image], what diffusers' StableDiffusionInpaintPipeline
+    computes with a full mask. Final latents within 1e-4."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+    from transformers import CLIPTokenizer
+
+    from checkpoints import save_tiny_sd1
+
+    vae = copy.deepcopy(tiny_vae())
+    with torch.no_grad():  # a posterior with no spread: diffusers samples it, fastdiff takes the mean
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -30.0
+    unet = tiny_unet(in_channels=9, seed=5)
+    root = save_tiny_sd1(tmp_path / "inpaint", unet=unet, vae=vae)
+    pipe = fastdiff.load(root, device="cpu", dtype=torch.float32)
+    assert pipe.unet.config.in_channels == 9
+    prompt, seed, n = "a red balloon over a lake", 42, 2
+    out = pipe(prompt, steps=10, guidance_scale=7.0, sampler="euler", schedule="normal", seed=seed,
+               num_images=n, output_type="latent", **SIZE).images
+    ref_pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=real_vocab_clip(), unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="linspace", **_TRAINING),
+        tokenizer=CLIPTokenizer.from_pretrained(f"{root}/tokenizer"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    # The masked image is all zeros: every GroupNorm in the encoder then sees a constant, where
+    # rounding noise is amplified by 1/sqrt(eps) (diffusers' own encoder gives latents 1% apart
+    # for contiguous and channels-last zeros). So diffusers gets the encoding fastdiff made, as
+    # `masked_image_latents`, and this test checks everything after it.
+    masked = pipe.encode_images(torch.zeros(1, 3, 32, 32))
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    with torch.no_grad():
+        ref = ref_pipe(prompt, image=grey, mask_image=Image.new("L", (32, 32), 255), strength=1.0,
+                       masked_image_latents=masked,
+                       num_inference_steps=10, guidance_scale=7.0, num_images_per_prompt=n,
+                       latents=seed_noise(seed, n), output_type="latent", **SIZE).images
+    assert out.shape == ref.shape == (n, *LATENT)
+    assert rel_err(out, ref) <= 1e-4
