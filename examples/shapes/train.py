@@ -1,0 +1,568 @@
+"""Train the small model fastdiff ships (fastdiff/data/shapes-model) and its two add-ons.
+
+    python -m examples.shapes.train [--out fastdiff/data/shapes-model] [--work DIR] [--seed 0]
+                                    [--stages vae,unet,hypernetwork,embedding]
+
+Stages, each reading the previous one's output from --work (so one can be re-run alone):
+  vae           a KL autoencoder (f8: 64x64x3 -> 8x8x4, no mid-block attention) on 32x32 crops
+                of shapes pictures, the shapes' pixels weighted up
+  unet          UNet (cross-attention) and CLIP text encoder together, v-prediction, on the
+                train split (filled and outlined shapes, captions say which; 1 in 10 captions
+                leaves the position out), 10% empty captions for classifier-free guidance; the
+                shipped weights are the EMA
+  hypernetwork  an A1111 hypernetwork (modules for the text context's width) that draws shapes
+                outlined when the caption does not ask for it: trained on outlined pictures whose
+                captions leave the style out, everything else frozen
+  embedding     a textual-inversion vector for the colour word "pink", which neither the text
+                encoder nor the UNet saw: trained on the novel split, everything else frozen
+
+Everything is fastdiff's own model code on the torch reference ops, with autograd, fp32, on the
+CPU; seeded (torch's CPU kernels with 2 threads gave the same weights run to run here). The
+folder is written in diffusers layout with fp16 safetensors (the package ships <= 20 MB), the
+hypernetwork as A1111's .pt and the embedding as A1111's .safetensors. `python -m
+examples.shapes.evaluate` scores the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from examples.shapes import data as D
+
+DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "..", "fastdiff", "data", "shapes-model")
+
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "layers_per_block": 1, "block_out_channels": [16, 32, 64, 64], "norm_num_groups": 8,
+    "sample_size": D.SIZE, "scaling_factor": 0.18215,  # SD 1.x's; the per-channel scale is folded in
+    "mid_block_add_attention": False,  # fully convolutional, so it can train on crops
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "sample_size": D.SIZE // 8, "in_channels": 4,
+    "out_channels": 4, "layers_per_block": 1, "block_out_channels": [48, 96, 96],
+    "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+    "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, "projection_dim": 64,
+}
+SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "timestep_spacing": "leading", "steps_offset": 1,
+}
+
+# Steps and sizes. The defaults are what the shipped weights were trained with.
+VAE_STEPS, VAE_BATCH, VAE_IMAGES, VAE_CROP = 4000, 32, 16384, 32  # 32x32 crops of 64x64 pictures
+VAE_LR, VAE_FG_WEIGHT, VAE_LOGVAR_INIT = 1e-3, 10.0, -10.0
+DEC_PHASES, DEC_LATENT_NOISE = ((6000, 5e-4), (5000, 3e-4)), 0.03  # (steps, peak lr) per phase
+UNET_STEPS, UNET_BATCH, UNET_IMAGES = 2600, 128, 32768
+HN_STEPS, HN_BATCH, HN_IMAGES = 300, 64, 4096
+EMB_STEPS, EMB_BATCH, EMB_IMAGES = 300, 64, 4096
+EMBEDDING_WORD = "pink"
+HYPERNETWORK_NAME = "shapes-outlined"
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def cosine_lr(step, total, peak, warmup=100, floor=0.02):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _images(indices, seed, split, style, mention_style=True):
+    """-> uint8 [N, 3, 64, 64], captions, attributes."""
+    imgs, caps, attrs = [], [], []
+    for i in indices:
+        im, cap, a = D.sample(int(i), seed, split, style, mention_style)
+        imgs.append(im)
+        caps.append(cap)
+        attrs.append(a)
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), caps, attrs
+
+
+def vae_images(n, seed):
+    """Pictures for the VAE: the train split, filled and outlined, and 1 in 8 from the novel
+    split (the VAE is a codec; the text encoder and UNet never see the novel colour)."""
+    out = np.empty((n, D.SIZE, D.SIZE, 3), np.uint8)
+    for i in range(n):
+        out[i] = D.sample(i, seed, "novel" if i % 8 == 7 else "train", "mixed")[0]
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def to_unit(x):
+    return x.float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------- VAE
+
+
+def zero_init_residuals(model):
+    """Zero each residual branch's last layer (resnet conv2, attention output), so every block
+    starts as the identity and the deep stack trains like a shallow one at first (skip-init)."""
+    from fastdiff.models.unet import Attention, ResnetBlock2D
+
+    for m in model.modules():
+        last = m.conv2 if isinstance(m, ResnetBlock2D) else m.to_out[0] if isinstance(m, Attention) else None
+        if last is not None:
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+    return model
+
+
+def train_vae(work, seed):
+    from fastdiff.models.vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = zero_init_residuals(AutoencoderKL(VAE_CONFIG))
+    imgs = vae_images(VAE_IMAGES, seed)
+    log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {len(imgs)} images")
+    with torch.no_grad():  # start with a narrow posterior: early noise would drown the shapes
+        vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = VAE_LOGVAR_INIT
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(VAE_STEPS):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, VAE_STEPS, VAE_LR, warmup=50)
+        x = to_unit(imgs[torch.randint(len(imgs), (VAE_BATCH,), generator=g)])
+        if VAE_CROP < D.SIZE:  # the VAE is convolutional: a crop costs (crop/64)^2 of a picture
+            n = (D.SIZE - VAE_CROP) // 8 + 1
+            oy, ox = (8 * torch.randint(n, (2,), generator=g)).tolist()
+            x = x[:, :, oy:oy + VAE_CROP, ox:ox + VAE_CROP]
+        mean, logvar = vae.encode(x).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        y = vae.decode(z)
+        # The shape covers ~6% of a picture: weight its pixels (those off the border's colour) up,
+        # or the background alone pays off and the shape is learned last.
+        bg = x.flatten(2).median(dim=2).values[:, :, None, None]  # the commonest colour
+        w = 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+        rec = (w * ((y - x).square() + 0.1 * (y - x).abs())).mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = rec + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == VAE_STEPS - 1:
+            log(f"vae step {step} rec {rec.item():.5f} kl {kl.item():.2f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    normalise_latents(vae, _images(range(2048), seed + 13, "train", "filled")[0])
+    torch.save(vae.state_dict(), os.path.join(work, "vae.pt"))
+    return vae
+
+
+def load_vae(work):
+    from fastdiff.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL(VAE_CONFIG)
+    vae.load_state_dict(torch.load(os.path.join(work, "vae.pt"), weights_only=True))
+    return vae.eval()
+
+
+@torch.no_grad()
+def normalise_latents(vae, imgs):
+    """Fold a per-channel shift and scale into quant_conv / post_quant_conv so the latents of the
+    training pictures have zero mean and, times SD 1.x's scaling_factor, unit variance per channel
+    (so single-file SD 1.x loaders need no special factor). The decoder sees exactly what it saw
+    before: post_quant_conv(z) == old post_quant_conv(z * s + mu)."""
+    means = torch.cat([vae.latent_mean(vae.encode(to_unit(imgs[i:i + 256]))) for i in range(0, len(imgs), 256)])
+    mu = means.mean(dim=(0, 2, 3))  # [4]
+    s = means.std(dim=(0, 2, 3)) * VAE_CONFIG["scaling_factor"]
+    c = VAE_CONFIG["latent_channels"]
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= s[:, None, None, None]
+    q.bias[:c] = (q.bias[:c] - mu) / s
+    q.bias[c:] -= 2 * torch.log(s)  # logvar of z/s
+    p.bias += (p.weight[:, :, 0, 0] * mu[None, :]).sum(1)
+    p.weight *= s[None, :, None, None]
+    log(f"latents: per-channel mean {mu.tolist()} std {s.tolist()} folded into the VAE")
+
+
+@torch.no_grad()
+def encode_set(vae, imgs):
+    """-> scaled latent means and stds [N, 4, 8, 8] of uint8 pictures (what the UNet sees)."""
+    ms, ss = [], []
+    for i in range(0, len(imgs), 256):
+        mean, logvar = vae.encode(to_unit(imgs[i:i + 256])).chunk(2, dim=1)
+        sf = VAE_CONFIG["scaling_factor"]
+        ms.append(mean * sf)
+        ss.append(torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * sf)
+    return torch.cat(ms), torch.cat(ss)
+
+
+def train_decoder(work, seed, first_phase=0):
+    """Fine-tune the decoder (and post_quant_conv) on the frozen encoder's latents, as SD's
+    ft-MSE VAE did: the latent space the UNet learned stays exactly as it was, the pictures
+    get sharper. Latent crops of 4x4 decode to 32x32 picture crops; a little latent noise
+    keeps the decoder tolerant of the UNet's imperfect latents. DEC_PHASES run in order, each
+    a fresh Adam and cosine schedule; `first_phase` resumes from a vae.pt the earlier ones wrote."""
+    vae = load_vae(work)
+    imgs = vae_images(VAE_IMAGES, seed + 21)
+    mean, _ = encode_set(vae, imgs)
+    sf = VAE_CONFIG["scaling_factor"]
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    crop = VAE_CROP // 8
+    for phase, (steps, lr) in enumerate(DEC_PHASES):
+        if phase < first_phase:
+            continue
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+        g = torch.Generator().manual_seed(seed + 22 + 2 * phase)
+        t0 = time.time()
+        for step in range(steps):
+            for pg in opt.param_groups:
+                pg["lr"] = cosine_lr(step, steps, lr, warmup=50)
+            idx = torch.randint(len(imgs), (VAE_BATCH,), generator=g)
+            oy, ox = torch.randint(D.SIZE // 8 - crop + 1, (2,), generator=g).tolist()
+            z = mean[idx][:, :, oy:oy + crop, ox:ox + crop]
+            z = z + DEC_LATENT_NOISE * torch.randn(z.shape, generator=g)
+            x = to_unit(imgs[idx][:, :, 8 * oy:8 * (oy + crop), 8 * ox:8 * (ox + crop)])
+            y = vae.decode(z / sf)
+            bg = x.flatten(2).median(dim=2).values[:, :, None, None]
+            w = 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+            d = y - x
+            loss = (w * (d.abs() + d.square())).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % 200 == 0 or step == steps - 1:
+                log(f"decoder phase {phase} step {step} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+        torch.save(vae.state_dict(), os.path.join(work, "vae.pt"))
+
+
+# ---------------------------------------------------------------------------- text
+
+
+class Vocab:
+    """The CLIP tokens the shapes captions use, as a small trainable table: only those rows of the
+    49408-row embedding ever get a gradient, so training them alone is the same thing, cheaper."""
+
+    def __init__(self):
+        from fastdiff.tokenizer import default_tokenizer
+
+        self.tok = default_tokenizer()
+        words = set()
+        for c in D.COLOURS + D.SHAPES + D.POSITIONS:
+            words.update(c.split())
+        words.update(["a", "an", "on", "background", ",", "in", "the", "centre", "outlined"])
+        ids = {self.tok.bos_id, self.tok.eos_id, self.tok.pad_id}
+        for w in words:
+            ids.update(self.tok.encode(w))
+        self.global_ids = torch.tensor(sorted(ids))
+        self.local = {int(g): i for i, g in enumerate(self.global_ids)}
+        self._cache = {}
+
+    def ids(self, captions):
+        """captions -> local ids [B, 77], tokenized exactly as the pipeline does."""
+        from fastdiff import prompts as P
+
+        rows = []
+        for c in captions:
+            if c not in self._cache:
+                g = P.tokenize_batch([c], self.tok).ids[0].tolist()
+                self._cache[c] = [self.local[i] for i in g]
+            rows.append(self._cache[c])
+        return torch.tensor(rows)
+
+
+def alphas_cumprod():
+    b = np.linspace(SCHEDULER_CONFIG["beta_start"] ** 0.5, SCHEDULER_CONFIG["beta_end"] ** 0.5, 1000) ** 2
+    return torch.tensor(np.cumprod(1 - b), dtype=torch.float32)
+
+
+def v_loss(unet, z, ctx, g, acp):
+    """The v-prediction loss at uniform timesteps (k-diffusion's CompVisVDenoiser's target)."""
+    t = torch.randint(0, 1000, (z.shape[0],), generator=g)
+    a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
+    n = torch.randn(z.shape, generator=g)
+    pred = unet(a * z + s * n, t.float(), ctx)
+    return F.mse_loss(pred, a * n - s * z)
+
+
+def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
+    """Latent means/stds and captions of n pictures. style None: the base model's mix, 1 in 6
+    outlined and 1 in 10 captions without the position clause (the model then places the shape
+    anywhere, so a prompt like the README's first command is in its distribution)."""
+    idx = range(n)
+    if style is None:
+        imgs_f, caps_f, _ = _images([i for i in idx if i % 3], seed, split, "filled", mention_style)
+        imgs_m, caps_m, _ = _images([i for i in idx if i % 3 == 0], seed, split, "mixed", mention_style)
+        imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
+    else:
+        imgs, caps, _ = _images(idx, seed, split, style, mention_style)
+    if style is None:  # 1 in 10 without the position: "a red circle on a blue background"
+        caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
+    mean, std = encode_set(vae, imgs)
+    return mean, std, caps
+
+
+class EMA:
+    def __init__(self, tensors, decay):
+        self.decay = decay
+        self.tensors = tensors
+        self.shadow = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, t in zip(self.shadow, self.tensors):
+            s.lerp_(t.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self):
+        for s, t in zip(self.shadow, self.tensors):
+            t.copy_(s)
+
+
+def build_text_unet(seed):
+    from fastdiff.models.clip import CLIPTextEncoder
+    from fastdiff.models.unet import UNet2DCondition
+
+    torch.manual_seed(seed)
+    te = CLIPTextEncoder(TEXT_CONFIG)
+    emb = te.text_model.embeddings
+    torch.nn.init.normal_(emb.token_embedding.weight, std=0.02)  # transformers' CLIP init
+    torch.nn.init.normal_(emb.position_embedding.weight, std=0.01)
+    unet = zero_init_residuals(UNet2DCondition(UNET_CONFIG))
+    torch.nn.init.zeros_(unet.conv_out.weight)  # start from predicting v = 0
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    return te, unet
+
+
+def train_unet(work, seed):
+    vae = load_vae(work)
+    mean, std, caps = unet_data(vae, UNET_IMAGES, seed)
+    vocab = Vocab()
+    te, unet = build_text_unet(seed)
+    table = torch.nn.Parameter(te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone())
+    te.text_model.embeddings.token_embedding.weight.requires_grad_(False)
+    params = [table] + [p for p in te.parameters() if p.requires_grad] + list(unet.parameters())
+    log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; text encoder "
+        f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M; {len(caps)} latents, "
+        f"{len(vocab.global_ids)} tokens")
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA(params, 0.999)
+    acp = alphas_cumprod()
+    g = torch.Generator().manual_seed(seed + 1)
+    empty = vocab.ids([""])[0]
+    t0 = time.time()
+    for step in range(UNET_STEPS):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, UNET_STEPS, 1e-3)
+        idx = torch.randint(len(caps), (UNET_BATCH,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        ids = vocab.ids([caps[i] for i in idx.tolist()])
+        drop = torch.rand(UNET_BATCH, generator=g) < 0.1
+        ids[drop] = empty
+        ctx = te(inputs_embeds=table[ids])
+        loss = v_loss(unet, z, ctx, g, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 100 == 0 or step == UNET_STEPS - 1:
+            log(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 500 == 499:
+            _save_unet_text(work, te, unet, table, vocab, ema)
+    _save_unet_text(work, te, unet, table, vocab, ema)
+
+
+def _save_unet_text(work, te, unet, table, vocab, ema):
+    live = [t.detach().clone() for t in ema.tensors]
+    ema.copy_to()
+    with torch.no_grad():
+        te.text_model.embeddings.token_embedding.weight[vocab.global_ids] = table
+    torch.save({"text_encoder": te.state_dict(), "unet": unet.state_dict()}, os.path.join(work, "unet_text.pt"))
+    with torch.no_grad():
+        for t, v in zip(ema.tensors, live):
+            t.copy_(v)
+    log("saved EMA unet + text encoder")
+
+
+def load_unet_text(work, seed=0):
+    te, unet = build_text_unet(seed)
+    sd = torch.load(os.path.join(work, "unet_text.pt"), weights_only=True)
+    te.load_state_dict(sd["text_encoder"])
+    unet.load_state_dict(sd["unet"])
+    return te.eval().requires_grad_(False), unet.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- add-ons
+
+
+def _context_fn(te, vocab):
+    cache = {}
+
+    @torch.no_grad()
+    def ctx(captions):
+        missing = sorted({c for c in captions if c not in cache})
+        if missing:
+            full = te(input_ids=vocab.global_ids[vocab.ids(missing)])
+            cache.update(zip(missing, full))
+        return torch.stack([cache[c] for c in captions])
+    return ctx
+
+
+def train_hypernetwork(work, out, seed):
+    from fastdiff.formats.hypernetwork import Hypernetwork, HypernetworkModule
+
+    vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
+    mean, std, caps = unet_data(vae, HN_IMAGES, seed + 7, style="outlined", mention_style=False)
+    dim = TEXT_CONFIG["hidden_size"]
+    torch.manual_seed(seed + 2)
+    mods = {dim: tuple(HypernetworkModule(dim, [1, 2, 1], "relu", False, False, None) for _ in range(2))}
+    for m in mods[dim]:  # A1111's "Normal" initialisation: a near-identity start
+        for lin in m.linear:
+            if isinstance(lin, torch.nn.Linear):
+                torch.nn.init.normal_(lin.weight, std=0.01)
+                torch.nn.init.zeros_(lin.bias)
+    hn = Hypernetwork(HYPERNETWORK_NAME, mods).requires_grad_(True)
+    for m in unet.attention_modules():
+        m.kv_hook = hn
+    ctx_of = _context_fn(te, vocab)
+    opt = torch.optim.AdamW(hn.parameters(), lr=1e-3, weight_decay=0.0)
+    acp, g = alphas_cumprod(), torch.Generator().manual_seed(seed + 3)
+    t0 = time.time()
+    for step in range(HN_STEPS):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, HN_STEPS, 1e-3, warmup=20)
+        idx = torch.randint(len(caps), (HN_BATCH,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        loss = v_loss(unet, z, ctx_of([caps[i] for i in idx.tolist()]), g, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == HN_STEPS - 1:
+            log(f"hypernetwork step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    file = {dim: [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods[dim]]}
+    file.update({"name": HYPERNETWORK_NAME, "layer_structure": [1, 2, 1], "activation_func": "relu",
+                 "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False,
+                 "activate_output": False, "last_layer_dropout": False, "step": HN_STEPS,
+                 "sd_checkpoint": None, "sd_checkpoint_name": "shapes-model"})
+    path = os.path.join(out, f"{HYPERNETWORK_NAME}.pt")
+    torch.save(file, path)
+    log(f"wrote {path}")
+
+
+def train_embedding(work, out, seed):
+    vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
+    mean, std, caps = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled")
+    word = vocab.local[vocab.tok.encode(EMBEDDING_WORD)[0]]
+    table = te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone()
+    colours = [vocab.local[vocab.tok.encode(c)[0]] for c in D.BASE_COLOURS]
+    vec = torch.nn.Parameter(table[colours].mean(0, keepdim=True).clone())  # [1, dim]
+    opt = torch.optim.AdamW([vec], lr=5e-3, weight_decay=0.0)
+    acp, g = alphas_cumprod(), torch.Generator().manual_seed(seed + 5)
+    t0 = time.time()
+    for step in range(EMB_STEPS):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, EMB_STEPS, 5e-3, warmup=20)
+        idx = torch.randint(len(caps), (EMB_BATCH,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        ids = vocab.ids([caps[i] for i in idx.tolist()])
+        emb = torch.where((ids == word)[..., None], vec, table[ids])
+        loss = v_loss(unet, z, te(inputs_embeds=emb), g, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == EMB_STEPS - 1:
+            log(f"embedding step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    path = os.path.join(out, f"{EMBEDDING_WORD}.safetensors")
+    save_file({"emb_params": vec.detach().clone()}, path)
+    log(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export(work, out, seed):
+    """The diffusers folder, fp16 safetensors."""
+    vae, (te, unet) = load_vae(work), load_unet_text(work, seed)
+    parts = {"vae": (vae, VAE_CONFIG, "diffusion_pytorch_model.safetensors"),
+             "unet": (unet, UNET_CONFIG, "diffusion_pytorch_model.safetensors"),
+             "text_encoder": (te, TEXT_CONFIG, "model.safetensors")}
+    for name, (module, cfg, fname) in parts.items():
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        sd = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+        save_file(sd, os.path.join(d, fname), metadata={"format": "pt"})
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER_CONFIG, f, indent=2)
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f, indent=2)
+    log(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.normpath(DEFAULT_OUT), help="model folder to write")
+    p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shapes-train"),
+                   help="where stages keep their checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default="vae,unet,decoder,hypernetwork,embedding",
+                   help="comma-separated subset of vae,unet,decoder,hypernetwork,embedding; the "
+                   "folder is written after unet and decoder (or alone with 'export')")
+    p.add_argument("--decoder-phase", type=int, default=0,
+                   help="resume the decoder stage at this phase (its vae.pt has the earlier ones)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps on a few pictures per stage: checks the script runs, trains nothing")
+    a = p.parse_args(argv)
+    if a.quick:
+        g = globals()
+        for k in ("VAE", "UNET", "HN", "EMB"):
+            g[f"{k}_STEPS"], g[f"{k}_BATCH"], g[f"{k}_IMAGES"] = 2, 4, 64
+        g["DEC_PHASES"] = ((2, 5e-4), (2, 3e-4))
+    stages = a.stages.split(",")
+    unknown = set(stages) - {"vae", "unet", "decoder", "hypernetwork", "embedding", "export"}
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}")
+    os.makedirs(a.work, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    if "vae" in stages:
+        train_vae(a.work, a.seed)
+    if "unet" in stages:
+        train_unet(a.work, a.seed)
+    if "decoder" in stages:
+        train_decoder(a.work, a.seed, a.decoder_phase)
+    if "unet" in stages or "decoder" in stages or "export" in stages:
+        export(a.work, a.out, a.seed)
+    if "hypernetwork" in stages:
+        train_hypernetwork(a.work, a.out, a.seed)
+    if "embedding" in stages:
+        train_embedding(a.work, a.out, a.seed)
+    log(f"done in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""examples/shapes/train.py and evaluate.py: the scripts that train and score fastdiff's own
+small model (issue 6). The real run takes about an hour on 2 cores (examples/shapes/README.md
+has its scores); here every stage runs a few steps, and the pieces with exact answers are
+checked exactly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from examples.shapes import evaluate as E
+from examples.shapes import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "model"
+    subprocess.run([sys.executable, "-m", "examples.shapes.train", "--quick", "--out", str(out),
+                    "--work", str(out.parent / "work")], check=True, cwd=ROOT, timeout=600,
+                   capture_output=True)
+    return out
+
+
+def test_training_writes_a_loadable_model_and_addons(quick_model):
+    import fastdiff
+
+    pipe = fastdiff.load(str(quick_model), device="cpu", dtype=torch.float32)
+    assert pipe.info.prediction_type == "v_prediction" and pipe.info.native_size == 64
+    assert pipe.text_encoder.config.vocab_size == 49408  # the real CLIP tokenizer's ids
+    for f in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder/model.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(quick_model / f), "pt") as sf:
+            assert {sf.get_tensor(k).dtype for k in sf.keys()} == {torch.float16}, f
+    # The evaluation runs through the public pipeline with both add-ons.
+    assert set(E.heldout(pipe, 3, steps=2)) >= {"background", "colour", "shape", "position", "all", "n"}
+    hn = E.hypernetwork(pipe, str(quick_model / E.HYPERNETWORK), (0.0, 1.0), 3, steps=2)
+    assert set(hn) == {0.0, 1.0} and "outlined" in hn[1.0]
+    assert 0.0 <= E.embedding(pipe, str(quick_model / E.EMBEDDING), 3, steps=2)["pink"] <= 1.0
+
+
+def test_latent_normalisation_fold_is_exact():
+    """Folding the per-channel shift and scale into quant_conv / post_quant_conv changes what
+    the encoder emits (zero mean, std 1/scaling_factor per channel on the pictures it was fitted
+    on) and nothing the decoder draws: new_decode(z) == old_decode(z * s + mu), s = std * sf."""
+    from fastdiff.models.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(T.VAE_CONFIG).eval()
+    for p in vae.parameters():  # fresh, non-trivial weights
+        p.data.normal_(0, 0.2)
+    imgs = T._images(range(64), 3, "train", "filled")[0]
+    old = AutoencoderKL(T.VAE_CONFIG).eval()
+    old.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        before = vae.latent_mean(vae.encode(T.to_unit(imgs)))
+        T.normalise_latents(vae, imgs)
+        after = vae.latent_mean(vae.encode(T.to_unit(imgs)))
+        sf = T.VAE_CONFIG["scaling_factor"]
+        assert after.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+        torch.testing.assert_close(after.std(dim=(0, 2, 3)) * sf, torch.ones(4), rtol=1e-4, atol=1e-4)
+        mu, s = before.mean(dim=(0, 2, 3)), before.std(dim=(0, 2, 3)) * sf
+        torch.testing.assert_close(after * s[None, :, None, None] + mu[None, :, None, None], before,
+                                   rtol=1e-4, atol=1e-4)
+        z = torch.randn(5, 4, 8, 8) / sf
+        ref = old.decode(z * s[None, :, None, None] + mu[None, :, None, None])
+        torch.testing.assert_close(vae.decode(z), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_caption_vocabulary_covers_every_split():
+    """The trainable token table must hold every token any caption uses (train, held-out,
+    novel, outlined, no position), or training would index out of it."""
+    from examples.shapes import data as D
+
+    vocab = T.Vocab()
+    caps = [D.sample(i, 0, split, "mixed")[1] for split in ("train", "heldout", "novel") for i in range(200)]
+    caps += [c.rsplit(",", 1)[0] for c in caps[:50]] + [""]
+    ids = vocab.ids(caps)
+    assert ids.shape == (len(caps), 77) and int(ids.max()) < len(vocab.global_ids)
+    from fastdiff import prompts as P
+
+    full = P.tokenize_batch(caps[:20], vocab.tok).ids
+    assert torch.equal(vocab.global_ids[ids[:20]], full)
