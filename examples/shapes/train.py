@@ -1,7 +1,7 @@
-"""Train the small model fastdiff ships (fastdiff/data/shapes-model) and its two add-ons.
+"""Train the small model fastdiff is to ship (fastdiff/data/shapes-model) and its two add-ons.
 
     python -m examples.shapes.train [--out fastdiff/data/shapes-model] [--work DIR] [--seed 0]
-                                    [--stages vae,unet,hypernetwork,embedding]
+                                    [--stages vae,unet,decoder,hypernetwork,embedding]
 
 Stages, each reading the previous one's output from --work (so one can be re-run alone):
   vae           a KL autoencoder (f8: 64x64x3 -> 8x8x4, no mid-block attention) on 32x32 crops
@@ -9,7 +9,8 @@ Stages, each reading the previous one's output from --work (so one can be re-run
   unet          UNet (cross-attention) and CLIP text encoder together, v-prediction, on the
                 train split (filled and outlined shapes, captions say which; 1 in 10 captions
                 leaves the position out), 10% empty captions for classifier-free guidance; the
-                shipped weights are the EMA
+                saved weights are the EMA
+  decoder       the VAE decoder fine-tuned on the frozen encoder's latents
   hypernetwork  an A1111 hypernetwork (modules for the text context's width) that draws shapes
                 outlined when the caption does not ask for it: trained on outlined pictures whose
                 captions leave the style out, everything else frozen
@@ -17,10 +18,10 @@ Stages, each reading the previous one's output from --work (so one can be re-run
                 encoder nor the UNet saw: trained on the novel split, everything else frozen
 
 Everything is fastdiff's own model code on the torch reference ops, with autograd, fp32, on the
-CPU; seeded (torch's CPU kernels with 2 threads gave the same weights run to run here). The
-folder is written in diffusers layout with fp16 safetensors (the package ships <= 20 MB), the
-hypernetwork as A1111's .pt and the embedding as A1111's .safetensors. `python -m
-examples.shapes.evaluate` scores the result.
+CPU, seeded (bitwise run-to-run reproducibility has not been checked). The folder is written
+in diffusers layout with fp16 safetensors (15 MB), the hypernetwork as A1111's .pt and the
+embedding as A1111's .safetensors. `python -m examples.shapes.evaluate` scores the result;
+examples/shapes/README.md has the scores of the last full run.
 """
 from __future__ import annotations
 
