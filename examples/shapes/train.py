@@ -428,6 +428,25 @@ def _context_fn(te, vocab):
     return ctx
 
 
+def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, context):
+    """Train `params` (an add-on; the UNet and text encoder stay frozen) on the v loss.
+    context(list of picture indices) -> the UNet's context for them."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    acp, g = alphas_cumprod(), torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, steps, lr, warmup=20)
+        idx = torch.randint(len(mean), (batch,), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        loss = v_loss(unet, z, context(idx.tolist()), g, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{name} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+
+
 def train_hypernetwork(work, out, seed):
     from fastdiff.formats.hypernetwork import Hypernetwork, HypernetworkModule
 
@@ -445,20 +464,8 @@ def train_hypernetwork(work, out, seed):
     for m in unet.attention_modules():
         m.kv_hook = hn
     ctx_of = _context_fn(te, vocab)
-    opt = torch.optim.AdamW(hn.parameters(), lr=1e-3, weight_decay=0.0)
-    acp, g = alphas_cumprod(), torch.Generator().manual_seed(seed + 3)
-    t0 = time.time()
-    for step in range(HN_STEPS):
-        for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, HN_STEPS, 1e-3, warmup=20)
-        idx = torch.randint(len(caps), (HN_BATCH,), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        loss = v_loss(unet, z, ctx_of([caps[i] for i in idx.tolist()]), g, acp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == HN_STEPS - 1:
-            log(f"hypernetwork step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    _fit_addon("hypernetwork", list(hn.parameters()), 1e-3, HN_STEPS, HN_BATCH, seed + 3, unet,
+               mean, std, lambda batch: ctx_of([caps[i] for i in batch]))
     file = {dim: [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods[dim]]}
     file.update({"name": HYPERNETWORK_NAME, "layer_structure": [1, 2, 1], "activation_func": "relu",
                  "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False,
@@ -476,22 +483,11 @@ def train_embedding(work, out, seed):
     table = te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone()
     colours = [vocab.local[vocab.tok.encode(c)[0]] for c in D.BASE_COLOURS]
     vec = torch.nn.Parameter(table[colours].mean(0, keepdim=True).clone())  # [1, dim]
-    opt = torch.optim.AdamW([vec], lr=5e-3, weight_decay=0.0)
-    acp, g = alphas_cumprod(), torch.Generator().manual_seed(seed + 5)
-    t0 = time.time()
-    for step in range(EMB_STEPS):
-        for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, EMB_STEPS, 5e-3, warmup=20)
-        idx = torch.randint(len(caps), (EMB_BATCH,), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        ids = vocab.ids([caps[i] for i in idx.tolist()])
-        emb = torch.where((ids == word)[..., None], vec, table[ids])
-        loss = v_loss(unet, z, te(inputs_embeds=emb), g, acp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == EMB_STEPS - 1:
-            log(f"embedding step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    def context(batch):
+        ids = vocab.ids([caps[i] for i in batch])
+        return te(inputs_embeds=torch.where((ids == word)[..., None], vec, table[ids]))
+
+    _fit_addon("embedding", [vec], 5e-3, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, context)
     path = os.path.join(out, f"{EMBEDDING_WORD}.safetensors")
     save_file({"emb_params": vec.detach().clone()}, path)
     log(f"wrote {path}")
