@@ -291,4 +291,10 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, chunk_length: int = C
     before = zc.mean(dim=(2, 3), keepdim=True)
     weighted = zc * w
     after = weighted.mean(dim=(2, 3), keepdim=True)
-    return (weighted * (before / after)).reshape(B, L, dim).to(z.dtype)
+    # A chunk whose weights are all 1 stays as it is: A1111's ratio is exactly 1 there, except
+    # 0/0 = NaN when the encoder's output averages to exactly zero (a final LayerNorm without
+    # bias does that). A weighted chunk that averages to zero cannot be rescaled; it keeps its
+    # weighting rather than becoming NaN.
+    keep = (w == 1).all(dim=(2, 3), keepdim=True) | (after == 0)
+    ratio = torch.where(keep, torch.ones_like(after), before / after)
+    return (weighted * ratio).reshape(B, L, dim).to(z.dtype)

@@ -288,6 +288,26 @@ def test_apply_emphasis_fp16_and_identity():
     assert _rel(apply_emphasis(z, torch.ones(2, 154)), z) <= 1e-6
 
 
+def test_apply_emphasis_zero_mean_output_stays_finite():
+    """A text encoder whose final LayerNorm has no bias gives chunks averaging to exactly 0
+    (here: every token's features sum to 0 exactly). Unweighted chunks must come back as they
+    were, not 0/0 = NaN; weighted ones stay finite and keep their weighting."""
+    g = torch.Generator().manual_seed(11)
+    half = torch.randint(-4, 5, (2, 154, 8), generator=g).double()
+    z = torch.cat([half, -half], dim=-1)  # each token's 16 features sum to exactly 0
+    assert (z.reshape(2, 2, -1).mean(-1) == 0).all()
+    w = torch.ones(2, 154, dtype=torch.float64)
+    assert torch.equal(apply_emphasis(z, w), z)
+    w[0, 5] = 1.3  # chunk (0, 0) weighted, its mean is still 0
+    out = apply_emphasis(z, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 5], 1.3 * z[0, 5])
+    torch.testing.assert_close(out[1], z[1])
+    # Elsewhere the rescale is A1111's, to the last bit for unweighted chunks.
+    z2 = torch.randn(1, 77, 16, generator=g) + 0.2
+    assert torch.equal(apply_emphasis(z2, torch.ones(1, 77)), z2)
+
+
 def test_apply_emphasis_with_prompt_weights(tok):
     b = tokenize_batch(["a (cat:1.4) [dog]", "plain"], tok)
     z = torch.randn(2, 77 * b.n_chunks, 12, generator=torch.Generator().manual_seed(3)) + 0.1
