@@ -87,3 +87,23 @@ def test_caption_vocabulary_covers_every_split():
 
     full = P.tokenize_batch(caps[:20], vocab.tok).ids
     assert torch.equal(vocab.global_ids[ids[:20]], full)
+
+
+def test_evaluate_and_grid_commands(quick_model, tmp_path, capsys):
+    from PIL import Image
+
+    from examples.shapes import grid
+
+    out = tmp_path / "scores.json"
+    assert E.main(["--model", str(quick_model), "--n", "2", "--steps", "2", "--samplers", "euler,dpmpp_2m",
+                   "--json", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert set(res["samplers"]) == {"euler", "dpmpp_2m"} and res["samplers"]["euler"]["n"] == 2
+    assert set(res["hypernetwork"]) == {"0.0", "0.5", "1.0"} and "pink" in res["embedding"]
+    sheet = tmp_path / "grid.png"
+    assert grid.main(["--model", str(quick_model), "--out", str(sheet), "--scale", "1", "--steps", "2"]) == 0
+    im = Image.open(sheet)
+    assert im.size == (8 * 66 + 2, 4 * 66 + 2)  # 8 columns x 4 rows of 64 px, 2 px padding
+    assert "row 4 col 8" in capsys.readouterr().out

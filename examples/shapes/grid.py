@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=MODEL)
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     a = p.parse_args(argv)
 
     import fastdiff
@@ -33,9 +34,10 @@ def main(argv=None) -> int:
     pipe = fastdiff.load(a.model)
     held = [c for c, _ in D.heldout_prompts(16, seed=1)]
     pink = [c for c, _ in novel_prompts(8, seed=1)]
-    images = generate(pipe, held, seed=1)
-    images += generate(pipe, held[:8], seed=1, hypernetworks=[(os.path.join(a.model, HYPERNETWORK), 1.0)])
-    images += generate(pipe, pink, seed=1, embeddings=[os.path.join(a.model, EMBEDDING)])
+    kw = {"seed": 1, "steps": a.steps}
+    images = generate(pipe, held, **kw)
+    images += generate(pipe, held[:8], hypernetworks=[(os.path.join(a.model, HYPERNETWORK), 1.0)], **kw)
+    images += generate(pipe, pink, embeddings=[os.path.join(a.model, EMBEDDING)], **kw)
     captions = held + [f"{c}  [hypernetwork]" for c in held[:8]] + pink
     sheet = Image.fromarray(D.contact_sheet(images, columns=8))
     sheet = sheet.resize((sheet.width * a.scale, sheet.height * a.scale), Image.NEAREST)
