@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from examples.shapes import data as D
-from examples.shapes.checker import score
+from examples.shapes.checker import read, score
 
 MODEL = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "fastdiff", "data", "shapes-model"))
 HYPERNETWORK = "shapes-outlined.pt"
@@ -49,8 +49,7 @@ def hypernetwork(pipe, path, strengths=(0.0, 0.5, 1.0), n=100, *, seed=0, **kw) 
         images = generate(pipe, prompts, seed=seed, hypernetworks=[(path, s)], **kw)
         res = score(images, [a | {"style": "outlined"} for _, a in pairs])
         res["outlined"] = res["style"]
-        del res["style"], res["all"]
-        # colour, shape, background and position read whatever the style
+        del res["style"], res["all"]  # colour, shape, background, position: read whatever the style
         out[s] = res
     return out
 
@@ -70,8 +69,6 @@ def embedding(pipe, path, n=100, *, seed=0, **kw) -> dict:
     pairs = novel_prompts(n, seed)
     images = generate(pipe, [c for c, _ in pairs], seed=seed, embeddings=[path], **kw)
     res = score(images, [a for _, a in pairs])
-    from examples.shapes.checker import read
-
     hits = []
     for im, (_, a) in zip(images, pairs):
         got = read(im)
