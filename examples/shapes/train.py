@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from examples.shapes import data as D
 
@@ -67,7 +67,7 @@ SCHEDULER_CONFIG = {
     "timestep_spacing": "leading", "steps_offset": 1,
 }
 
-# Steps and sizes. The defaults are what the shipped weights were trained with.
+# Steps and sizes of the last full run (its scores: examples/shapes/README.md).
 VAE_STEPS, VAE_BATCH, VAE_IMAGES, VAE_CROP = 4000, 32, 16384, 32  # 32x32 crops of 64x64 pictures
 VAE_LR, VAE_FG_WEIGHT, VAE_LOGVAR_INIT = 1e-3, 10.0, -10.0
 DEC_PHASES, DEC_LATENT_NOISE = ((6000, 5e-4), (5000, 3e-4)), 0.03  # (steps, peak lr) per phase
@@ -132,6 +132,14 @@ def zero_init_residuals(model):
     return model
 
 
+def shape_weight(x):
+    """Per-pixel loss weight [B, 1, H, W] for pictures x in [-1, 1]: the shape covers ~6% of a
+    picture, so its pixels (those off the commonest colour) count VAE_FG_WEIGHT + 1 times, or the
+    background alone pays off and the shape is learned last."""
+    bg = x.flatten(2).median(dim=2).values[:, :, None, None]
+    return 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
 def train_vae(work, seed):
     from fastdiff.models.vae import AutoencoderKL
 
@@ -156,11 +164,7 @@ def train_vae(work, seed):
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         y = vae.decode(z)
-        # The shape covers ~6% of a picture: weight its pixels (those off the border's colour) up,
-        # or the background alone pays off and the shape is learned last.
-        bg = x.flatten(2).median(dim=2).values[:, :, None, None]  # the commonest colour
-        w = 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
-        rec = (w * ((y - x).square() + 0.1 * (y - x).abs())).mean()
+        rec = (shape_weight(x) * ((y - x).square() + 0.1 * (y - x).abs())).mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = rec + 1e-5 * kl
         opt.zero_grad(set_to_none=True)
@@ -189,7 +193,7 @@ def normalise_latents(vae, imgs):
     training pictures have zero mean and, times SD 1.x's scaling_factor, unit variance per channel
     (so single-file SD 1.x loaders need no special factor). The decoder sees exactly what it saw
     before: post_quant_conv(z) == old post_quant_conv(z * s + mu)."""
-    means = torch.cat([vae.latent_mean(vae.encode(to_unit(imgs[i:i + 256]))) for i in range(0, len(imgs), 256)])
+    means = encode_set(vae, imgs)[0] / VAE_CONFIG["scaling_factor"]
     mu = means.mean(dim=(0, 2, 3))  # [4]
     s = means.std(dim=(0, 2, 3)) * VAE_CONFIG["scaling_factor"]
     c = VAE_CONFIG["latent_channels"]
@@ -241,10 +245,8 @@ def train_decoder(work, seed, first_phase=0):
             z = z + DEC_LATENT_NOISE * torch.randn(z.shape, generator=g)
             x = to_unit(imgs[idx][:, :, 8 * oy:8 * (oy + crop), 8 * ox:8 * (ox + crop)])
             y = vae.decode(z / sf)
-            bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-            w = 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
             d = y - x
-            loss = (w * (d.abs() + d.square())).mean()
+            loss = (shape_weight(x) * (d.abs() + d.square())).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -290,8 +292,11 @@ class Vocab:
 
 
 def alphas_cumprod():
-    b = np.linspace(SCHEDULER_CONFIG["beta_start"] ** 0.5, SCHEDULER_CONFIG["beta_end"] ** 0.5, 1000) ** 2
-    return torch.tensor(np.cumprod(1 - b), dtype=torch.float32)
+    from fastdiff.denoiser import scaled_linear_alphas_cumprod
+
+    c = SCHEDULER_CONFIG
+    ac = scaled_linear_alphas_cumprod(c["beta_start"], c["beta_end"], c["num_train_timesteps"])
+    return torch.tensor(ac, dtype=torch.float32)
 
 
 def v_loss(unet, z, ctx, g, acp):
@@ -312,10 +317,10 @@ def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
         imgs_f, caps_f, _ = _images([i for i in idx if i % 3], seed, split, "filled", mention_style)
         imgs_m, caps_m, _ = _images([i for i in idx if i % 3 == 0], seed, split, "mixed", mention_style)
         imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
+        # 1 in 10 without the position: "a red circle on a blue background"
+        caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
     else:
         imgs, caps, _ = _images(idx, seed, split, style, mention_style)
-    if style is None:  # 1 in 10 without the position: "a red circle on a blue background"
-        caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
     mean, std = encode_set(vae, imgs)
     return mean, std, caps
 
