@@ -145,8 +145,12 @@ GN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["auto", "rows"])
 @pytest.mark.parametrize("shape,groups,silu,cl,affine,splits", GN_CASES)
-def test_group_norm(device, dtype, shape, groups, silu, cl, affine, splits):
+def test_group_norm(device, dtype, shape, groups, silu, cl, affine, splits, path):
+    L = shape[1] // groups * (torch.Size(shape[2:]).numel())
+    if path == "rows" and (cl or splits is not None or L > gn_k.ROWS_MAX):
+        pytest.skip("the rows path takes contiguous inputs with short groups, no splits")
     gen = seeded("gn", shape, groups, silu, cl, affine, splits, str(dtype))
     C = shape[1]
     x = randn(shape, dtype, device, gen, scale=2.0, shift=0.5)
@@ -156,7 +160,7 @@ def test_group_norm(device, dtype, shape, groups, silu, cl, affine, splits):
         x = x.to(memory_format=torch.channels_last)
     out = torch.full_like(x, float("nan"))
     assert out.stride() == x.stride()
-    y = gn_k.group_norm(x, groups, w, b, 1e-5, silu=silu, out=out, splits=splits)
+    y = gn_k.group_norm(x, groups, w, b, 1e-5, silu=silu, out=out, splits=splits, path=path)
     assert y.data_ptr() == out.data_ptr()
     if cl:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -170,6 +174,34 @@ def test_group_norm_large_mean(device):
     w = randn((20,), torch.float32, device, gen)
     b = randn((20,), torch.float32, device, gen)
     check(gn_k.group_norm(x, 2, w, b, 1e-6, splits=3), gn_k.group_norm_ref(x, 2, w, b, 1e-6), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["rows", "split"])
+def test_group_norm_paths_large_mean(device, path):
+    # Both paths on the same contiguous input whose mean swamps its spread.
+    gen = seeded("gn-mean-paths", path)
+    x = randn((3, 12, 6, 6), torch.float32, device, gen, shift=1000.0)
+    w = randn((12,), torch.float32, device, gen)
+    b = randn((12,), torch.float32, device, gen)
+    out = torch.full_like(x, float("nan"))
+    check(gn_k.group_norm(x, 4, w, b, 1e-6, out=out, path=path), gn_k.group_norm_ref(x, 4, w, b, 1e-6), torch.float32)
+
+
+def test_group_norm_rows_packs_many_groups_per_program(device):
+    # More rows than one program holds, with a partial last block: every row is normalised.
+    gen = seeded("gn-rows-many")
+    n = gn_k._ROWS_TILE // 64 + 3  # groups of 4 channels x 16 pixels = 64 values
+    x = randn((n, 8, 4, 4), torch.float32, device, gen, scale=3.0, shift=-1.0)
+    out = torch.full_like(x, float("nan"))
+    check(gn_k.group_norm(x, 2, None, None, out=out, path="rows"), gn_k.group_norm_ref(x, 2, None, None), torch.float32)
+
+
+def test_group_norm_rows_refuses_what_it_cannot_do(device):
+    x = torch.randn(1, 8, 4, 4, device=device)
+    with pytest.raises(ValueError, match="rows path"):
+        gn_k.group_norm(x.to(memory_format=torch.channels_last), 2, None, None, path="rows")
+    with pytest.raises(ValueError, match="path must be"):
+        gn_k.group_norm(x, 2, None, None, path="fast")
 
 
 def test_group_norm_mixed_weight_dtype(device):
