@@ -67,3 +67,9 @@ def test_wheel_layout(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert "triton_kernels" not in top, sorted(top)
     assert not any(n.startswith(("tests/", "benchmarks/", "csrc/")) for n in names)
+    # The data the package reads at run time: CLIP's vocabulary and the shipped shapes model.
+    assert "fastdiff/data/bpe_simple_vocab_16e6.txt.gz" in names
+    shipped = ROOT / "fastdiff" / "data" / "shapes-model"
+    for f in sorted(shipped.rglob("*")) if shipped.is_dir() else []:
+        if f.is_file():
+            assert f"fastdiff/data/shapes-model/{f.relative_to(shipped).as_posix()}" in names, f
