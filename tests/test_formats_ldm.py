@@ -224,6 +224,20 @@ def test_standalone_vae(files, tmp_path, layout):
     assert any("VAE replaced" in n for n in src.notes)
 
 
+def test_vae_without_mid_attention(tmp_path):
+    """diffusers' mid_block_add_attention=False VAEs (fastdiff's shapes model) export without the
+    mid-block attention keys; the loader reads that off the keys, for files and whole models."""
+    from checkpoints import randomize_, tiny_vae_config
+
+    ref = randomize_(AutoencoderKL(**tiny_vae_config(), mid_block_add_attention=False), 12)
+    assert not any(".attentions." in k for k in ref.state_dict())
+    vae = open_vae(save_safetensors(vae_to_ldm(ref.state_dict(), ref.config), str(tmp_path / "vae.safetensors")))
+    assert vae.config["mid_block_add_attention"] is False
+    _vae_check(vae, ref)
+    assert open_vae(save_safetensors(tiny_vae().state_dict(), str(tmp_path / "with.safetensors"))).config[
+        "mid_block_add_attention"] is True
+
+
 # ---------------------------------------------------------------------------------- load_into
 
 def test_load_into_converts_dtype_and_materialises_meta(files):

@@ -308,6 +308,8 @@ def infer_vae_config(shapes: dict[str, tuple], path: str) -> dict:
         "act_fn": "silu",
         "latent_channels": shapes["decoder.conv_in.weight"][1],
         "norm_num_groups": 32,
+        # LDM always has it; diffusers' mid_block_add_attention=False models export without it
+        "mid_block_add_attention": any(".mid_block.attentions." in k for k in keys),
         "sample_size": 512,
         "scaling_factor": 0.18215,
     }
