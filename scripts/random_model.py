@@ -2,8 +2,8 @@
 
     python scripts/random_model.py OUT_DIR [--size 256] [--seed 0]
 
-No weights can be downloaded where fastdiff is developed, so this is what the main command runs
-on until a trained model ships: it exercises every part (CLIP tokenizer and text encoder,
+A model of any native size for format and speed checks (the trained model that ships is
+fastdiff/data/shapes-model, 64x64): it exercises every part (CLIP tokenizer and text encoder,
 cross-attention UNet, KL VAE, sampler, PNG writer) and produces noise-like pictures. Built
 with fastdiff's own model code (torch's default initialisation, seeded), saved fp32
 safetensors in the layout `save_pretrained` writes, so diffusers can open it too.
