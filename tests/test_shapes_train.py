@@ -1,5 +1,5 @@
 """examples/shapes/train.py and evaluate.py: the scripts that train and score fastdiff's own
-small model (issue 6). The real run takes about an hour on 2 cores (examples/shapes/README.md
+small model (issue 6). The real run takes about two hours on 2 cores (examples/shapes/README.md
 has its scores); here every stage runs a few steps, and the pieces with exact answers are
 checked exactly."""
 from __future__ import annotations

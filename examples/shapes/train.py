@@ -1,4 +1,4 @@
-"""Train the small model fastdiff is to ship (fastdiff/data/shapes-model) and its two add-ons.
+"""Train the small model that ships with fastdiff (fastdiff/data/shapes-model) and its two add-ons.
 
     python -m examples.shapes.train [--out fastdiff/data/shapes-model] [--work DIR] [--seed 0]
                                     [--stages vae,unet,hypernetwork,embedding] [--eval-every N]
