@@ -70,6 +70,7 @@ def test_wheel_layout(tmp_path):
     # The data the package reads at run time: CLIP's vocabulary and the shipped shapes model.
     assert "fastdiff/data/bpe_simple_vocab_16e6.txt.gz" in names
     shipped = ROOT / "fastdiff" / "data" / "shapes-model"
-    for f in sorted(shipped.rglob("*")) if shipped.is_dir() else []:
-        if f.is_file():
-            assert f"fastdiff/data/shapes-model/{f.relative_to(shipped).as_posix()}" in names, f
+    files = [f for f in sorted(shipped.rglob("*")) if f.is_file()]
+    assert len(files) >= 9, files  # 3 configs + 3 weights, scheduler, index, hypernetwork, embedding
+    for f in files:
+        assert f"fastdiff/data/shapes-model/{f.relative_to(shipped).as_posix()}" in names, f

@@ -34,7 +34,6 @@ SLACK = 0.05  # every other sampler and op path stays within this of TARGET
 # karras (examples/shapes/README.md). Their updates match k-diffusion's in tests/test_sampling.py.
 KARRAS = ("dpm_2_ancestral", "lms", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm")
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason="the shapes model is not in this checkout")
 
 
 @pytest.fixture(scope="module")
