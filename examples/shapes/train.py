@@ -2,6 +2,7 @@
 
     python -m examples.shapes.train [--out fastdiff/data/shapes-model] [--work DIR] [--seed 0]
                                     [--stages vae,unet,hypernetwork,embedding] [--eval-every N]
+                                    [--device cpu|cuda]
 
 Stages, each reading the previous one's output from --work (so one can be re-run alone):
   vae           a KL autoencoder (f8: 64x64x3 -> 8x8x4, no mid-block attention) on whole
@@ -19,7 +20,8 @@ Stages, each reading the previous one's output from --work (so one can be re-run
                 encoder nor the UNet saw: trained on the novel split, everything else frozen
 
 Everything is fastdiff's own model code on the torch reference ops, with autograd, fp32, on the
-CPU, seeded (bitwise run-to-run reproducibility has not been checked). The folder is written
+CPU (`--device cuda` moves the models and batches, not the random draws; not yet run on a GPU),
+seeded (bitwise run-to-run reproducibility has not been checked). The folder is written
 in diffusers layout with fp16 safetensors (15 MB), the hypernetwork as A1111's .pt and the
 embedding as A1111's .safetensors. `python -m examples.shapes.evaluate` scores the result;
 examples/shapes/README.md has the scores of the last full run.
@@ -77,6 +79,9 @@ UNET_PHASES, UNET_BATCH, UNET_IMAGES = ((3500, 1e-3, 4000, 0.0), (1200, 5e-4, 12
 HN_STEPS, HN_BATCH, HN_IMAGES = 600, 64, 4096
 EMB_STEPS, EMB_BATCH, EMB_IMAGES = 300, 64, 4096
 EMBEDDING_WORD = "pink"
+# Where models train (--device). Every random draw stays on the CPU's generators and is moved,
+# so a run draws the same numbers on any device.
+DEVICE = torch.device("cpu")
 HYPERNETWORK_NAME = "shapes-outlined"
 
 
@@ -152,7 +157,7 @@ def vae_recon_score(vae, n=200, seed=5):
     was_training = vae.training
     vae.eval()
     with torch.no_grad():
-        y = vae.decode(vae.encode(to_unit(x)).chunk(2, dim=1)[0])
+        y = vae.decode(vae.encode(to_unit(x.to(_device(vae)))).chunk(2, dim=1)[0]).cpu()
     vae.train(was_training)
     out = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).contiguous().numpy()
     return score(list(out), [e[2] for e in ev])
@@ -173,7 +178,7 @@ def train_vae(work, seed, first_phase=0):
     raw = os.path.join(work, "vae_raw.pt")
     if first_phase:
         vae.load_state_dict(torch.load(raw, weights_only=True))
-    vae.to(memory_format=torch.channels_last)
+    vae.to(DEVICE, memory_format=torch.channels_last)
     for phase, (steps, lr) in enumerate(VAE_PHASES):
         if phase < first_phase:
             continue
@@ -183,11 +188,11 @@ def train_vae(work, seed, first_phase=0):
         for step in range(steps):
             for pg in opt.param_groups:
                 pg["lr"] = cosine_lr(step, steps, lr, warmup=50)
-            x = to_unit(imgs[torch.randint(len(imgs), (VAE_BATCH,), generator=g)])
+            x = to_unit(imgs[torch.randint(len(imgs), (VAE_BATCH,), generator=g)].to(DEVICE))
             x = x.contiguous(memory_format=torch.channels_last)
             mean, logvar = vae.encode(x).chunk(2, dim=1)
             logvar = logvar.clamp(-30.0, 20.0)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(DEVICE)
             y = vae.decode(z)
             rec = (shape_weight(x) * ((y - x).square() + 0.1 * (y - x).abs())).mean()
             kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
@@ -202,11 +207,19 @@ def train_vae(work, seed, first_phase=0):
                 res = vae_recon_score(vae)
                 log(f"vae phase {phase} step {step + 1}: held-out reconstructions "
                     + " ".join(f"{k} {v:.2f}" for k, v in res.items() if k != "n"))
-        torch.save(vae.state_dict(), raw)
+        torch.save(_cpu(vae.state_dict()), raw)
     vae.eval()
     normalise_latents(vae, _images(range(2048), seed + 13, "train", "filled")[0])
-    torch.save(vae.state_dict(), os.path.join(work, "vae.pt"))
+    torch.save(_cpu(vae.state_dict()), os.path.join(work, "vae.pt"))
     return vae
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def load_vae(work):
@@ -226,6 +239,7 @@ def normalise_latents(vae, imgs):
     means = encode_set(vae, imgs)[0] / VAE_CONFIG["scaling_factor"]
     mu = means.mean(dim=(0, 2, 3))  # [4]
     s = means.std(dim=(0, 2, 3)) * VAE_CONFIG["scaling_factor"]
+    mu, s = mu.to(_device(vae)), s.to(_device(vae))
     c = VAE_CONFIG["latent_channels"]
     q, p = vae.quant_conv, vae.post_quant_conv
     q.weight[:c] /= s[:, None, None, None]
@@ -241,7 +255,7 @@ def encode_set(vae, imgs):
     """-> scaled latent means and stds [N, 4, 8, 8] of uint8 pictures (what the UNet sees)."""
     ms, ss = [], []
     for i in range(0, len(imgs), 256):
-        mean, logvar = vae.encode(to_unit(imgs[i:i + 256])).chunk(2, dim=1)
+        mean, logvar = vae.encode(to_unit(imgs[i:i + 256].to(_device(vae)))).cpu().chunk(2, dim=1)
         sf = VAE_CONFIG["scaling_factor"]
         ms.append(mean * sf)
         ss.append(torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * sf)
@@ -294,9 +308,9 @@ def alphas_cumprod():
 def v_loss(unet, z, ctx, g, acp):
     """The v-prediction loss at uniform timesteps (k-diffusion's CompVisVDenoiser's target)."""
     t = torch.randint(0, 1000, (z.shape[0],), generator=g)
-    a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
-    n = torch.randn(z.shape, generator=g)
-    pred = unet(a * z + s * n, t.float(), ctx)
+    a, s = acp[t].sqrt()[:, None, None, None].to(z.device), (1 - acp[t]).sqrt()[:, None, None, None].to(z.device)
+    n = torch.randn(z.shape, generator=g).to(z.device)
+    pred = unet(a * z + s * n, t.float().to(z.device), ctx)
     return F.mse_loss(pred, a * n - s * z)
 
 
@@ -374,11 +388,13 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
             te, unet = load_unet_text(work, seed)
             te.train().requires_grad_(True)
             unet.train().requires_grad_(True)
+        te.to(DEVICE)
+        unet.to(DEVICE)
         table = torch.nn.Parameter(te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone())
         te.text_model.embeddings.token_embedding.weight.requires_grad_(False)
         params = [table] + [p for p in te.parameters() if p.requires_grad] + list(unet.parameters())
         torch.manual_seed(seed + 40 + phase)
-        probe = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(D.POSITIONS) + 1)  # training only
+        probe = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(D.POSITIONS) + 1).to(DEVICE)  # training only
         opt = torch.optim.AdamW(params + list(probe.parameters()), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         ema = EMA(params, 0.999)
         g = torch.Generator().manual_seed(seed + 1 + 2 * phase)
@@ -387,11 +403,11 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
             for pg in opt.param_groups:
                 pg["lr"] = cosine_lr(step, length, lr)
             idx = torch.randint(len(caps), (UNET_BATCH,), generator=g)
-            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)).to(DEVICE)
             ids = vocab.ids([caps[i] for i in idx.tolist()])
             drop = torch.rand(UNET_BATCH, generator=g) < 0.1
             ids[drop] = empty
-            ctx = te(inputs_embeds=table[ids])
+            ctx = te(inputs_embeds=table[ids.to(DEVICE)])
             loss = v_loss(unet, z, ctx, g, acp)
             if aux_weight:
                 # The text encoder must say where: a linear probe on the first end-of-text token
@@ -399,9 +415,9 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
                 # caption) predicts the position the caption names. Without it the encoder
                 # learned to flatten the position words (output difference 0.5 against 10 for a
                 # colour word) and the UNet had nothing to place shapes by.
-                label = torch.where(drop, 9, pos_label[idx])
-                first_eos = (ids == eos).int().argmax(dim=1)
-                aux = F.cross_entropy(probe(ctx[torch.arange(len(ids)), first_eos]), label)
+                label = torch.where(drop, 9, pos_label[idx]).to(DEVICE)
+                first_eos = (ids == eos).int().argmax(dim=1).to(DEVICE)
+                aux = F.cross_entropy(probe(ctx[torch.arange(len(ids), device=DEVICE), first_eos]), label)
                 loss_all = loss + aux_weight * aux
             else:
                 loss_all = loss
@@ -424,7 +440,8 @@ def _save_unet_text(work, te, unet, table, vocab, ema):
     ema.copy_to()
     with torch.no_grad():
         te.text_model.embeddings.token_embedding.weight[vocab.global_ids] = table
-    torch.save({"text_encoder": te.state_dict(), "unet": unet.state_dict()}, os.path.join(work, "unet_text.pt"))
+    torch.save({"text_encoder": _cpu(te.state_dict()), "unet": _cpu(unet.state_dict())},
+               os.path.join(work, "unet_text.pt"))
     with torch.no_grad():
         for t, v in zip(ema.tensors, live):
             t.copy_(v)
@@ -468,7 +485,7 @@ def _context_fn(te, vocab):
     def ctx(captions):
         missing = sorted({c for c in captions if c not in cache})
         if missing:
-            full = te(input_ids=vocab.global_ids[vocab.ids(missing)])
+            full = te(input_ids=vocab.global_ids[vocab.ids(missing)].to(_device(te)))
             cache.update(zip(missing, full))
         return torch.stack([cache[c] for c in captions])
     return ctx
@@ -484,7 +501,7 @@ def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, context):
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, steps, lr, warmup=20)
         idx = torch.randint(len(mean), (batch,), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)).to(DEVICE)
         loss = v_loss(unet, z, context(idx.tolist()), g, acp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -497,6 +514,8 @@ def train_hypernetwork(work, out, seed):
     from fastdiff.formats.hypernetwork import Hypernetwork, HypernetworkModule
 
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
+    te.to(DEVICE)
+    unet.to(DEVICE)
     mean, std, caps = unet_data(vae, HN_IMAGES, seed + 7, style="outlined", mention_style=False)
     dim = TEXT_CONFIG["hidden_size"]
     torch.manual_seed(seed + 2)
@@ -506,13 +525,13 @@ def train_hypernetwork(work, out, seed):
             if isinstance(lin, torch.nn.Linear):
                 torch.nn.init.normal_(lin.weight, std=0.01)
                 torch.nn.init.zeros_(lin.bias)
-    hn = Hypernetwork(HYPERNETWORK_NAME, mods).requires_grad_(True)
+    hn = Hypernetwork(HYPERNETWORK_NAME, mods).to(DEVICE).requires_grad_(True)
     for m in unet.attention_modules():
         m.kv_hook = hn
     ctx_of = _context_fn(te, vocab)
     _fit_addon("hypernetwork", list(hn.parameters()), 1e-3, HN_STEPS, HN_BATCH, seed + 3, unet,
                mean, std, lambda batch: ctx_of([caps[i] for i in batch]))
-    file = {dim: [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods[dim]]}
+    file = {dim: [_cpu(m.state_dict()) for m in mods[dim]]}
     file.update({"name": HYPERNETWORK_NAME, "layer_structure": [1, 2, 1], "activation_func": "relu",
                  "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False,
                  "activate_output": False, "last_layer_dropout": False, "step": HN_STEPS,
@@ -524,18 +543,20 @@ def train_hypernetwork(work, out, seed):
 
 def train_embedding(work, out, seed):
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
+    te.to(DEVICE)
+    unet.to(DEVICE)
     mean, std, caps = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled")
     word = vocab.local[vocab.tok.encode(EMBEDDING_WORD)[0]]
     table = te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone()
     colours = [vocab.local[vocab.tok.encode(c)[0]] for c in D.BASE_COLOURS]
     vec = torch.nn.Parameter(table[colours].mean(0, keepdim=True).clone())  # [1, dim]
     def context(batch):
-        ids = vocab.ids([caps[i] for i in batch])
+        ids = vocab.ids([caps[i] for i in batch]).to(DEVICE)
         return te(inputs_embeds=torch.where((ids == word)[..., None], vec, table[ids]))
 
     _fit_addon("embedding", [vec], 5e-3, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, context)
     path = os.path.join(out, f"{EMBEDDING_WORD}.safetensors")
-    save_file({"emb_params": vec.detach().clone()}, path)
+    save_file({"emb_params": vec.detach().cpu().clone()}, path)
     log(f"wrote {path}")
 
 
@@ -571,6 +592,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shapes-train"),
                    help="where stages keep their checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to train on (default cpu; e.g. cuda)")
     p.add_argument("--stages", default="vae,unet,hypernetwork,embedding",
                    help="comma-separated subset of vae,unet,hypernetwork,embedding; the folder is "
                    "written after unet (or alone with 'export')")
@@ -591,6 +613,8 @@ def main(argv=None) -> int:
         g["HN_STEPS"] = g["EMB_STEPS"] = 2
         g["VAE_PHASES"] = ((2, 1e-3), (2, 5e-4))  # two phases each, so resuming is exercised too
         g["UNET_PHASES"] = ((2, 1e-3, 2, 0.0), (2, 5e-4, 2, 0.1))
+    global DEVICE
+    DEVICE = torch.device(a.device)
     stages = a.stages.split(",")
     unknown = set(stages) - {"vae", "unet", "hypernetwork", "embedding", "export"}
     if unknown:
