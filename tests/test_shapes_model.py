@@ -21,6 +21,7 @@ import torch
 from examples.shapes import data as D
 from examples.shapes import evaluate as E
 from examples.shapes.checker import check, read
+from fastdiff.sampling import SAMPLERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "fastdiff", "data", "shapes-model")
@@ -28,12 +29,11 @@ N = 100  # held-out prompts per score
 TARGET = 0.90  # fully correct pictures, default sampler (the issue's bar)
 SLACK = 0.05  # every other sampler and op path stays within this of TARGET
 # Samplers scored on the karras schedule, A1111's usual pairing for them: on the "normal"
-# schedule at 20 steps their multistep / SDE updates meet log-sigma steps of very unequal size
-# (fine at high sigma, coarse at the end) and fall apart, fully correct 0.00 (dpmpp_3m_sde),
+# schedule at 20 steps they fall apart (on this model; the likely cause is that schedule's very
+# unequal log-sigma steps, which their multistep / SDE updates divide by), fully correct 0.00 (dpmpp_3m_sde),
 # 0.38 (dpmpp_2m_sde), 0.52 (lms), 0.72 (dpm_2_ancestral), 0.81 (lcm), against 0.91-0.99 with
 # karras (examples/shapes/README.md). Their updates match k-diffusion's in tests/test_sampling.py.
 KARRAS = ("dpm_2_ancestral", "lms", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm")
-
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,12 @@ def pipe():
     return fastdiff.load(device="cpu", dtype=torch.float32)  # no path: the shipped model
 
 
-@pytest.fixture(scope="module")
-def default_score(pipe):
-    return E.heldout(pipe, N)
+def test_default_sampler_reaches_the_target(pipe):
+    res = E.heldout(pipe, N)  # euler_ancestral, the pipeline's default
+    assert res["all"] >= TARGET, res
 
 
-def test_default_sampler_reaches_the_target(default_score):
-    assert default_score["all"] >= TARGET, default_score
-
-
-@pytest.mark.parametrize("sampler", [s for s in __import__("fastdiff.sampling").sampling.SAMPLERS
-                                     if s != "euler_ancestral"])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "euler_ancestral"])
 def test_every_sampler(pipe, sampler):
     res = E.heldout(pipe, N, sampler=sampler, schedule="karras" if sampler in KARRAS else "normal")
     assert res["all"] >= TARGET - SLACK, (sampler, res)
