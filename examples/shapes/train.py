@@ -457,19 +457,15 @@ def load_unet_text(work, seed=0):
 
 
 def evaluate_now(work, what, n=100):
-    """Score the models saved in `work` on n held-out prompts through fastdiff's pipeline (the
-    default sampler, 20 steps), to watch training; needs nothing written to --out."""
+    """Score the models saved in `work` on n held-out prompts through fastdiff's loader and
+    pipeline (the default sampler, 20 steps), to watch training; writes work/eval-model, not --out."""
+    import fastdiff
     from examples.shapes.evaluate import heldout
-    from fastdiff.pipeline import ModelInfo, Pipeline
-    from fastdiff.tokenizer import default_tokenizer
 
-    vae, (te, unet) = load_vae(work), load_unet_text(work)
-    info = ModelInfo(family="sd1", prediction_type=SCHEDULER_CONFIG["prediction_type"],
-                     alphas_cumprod=alphas_cumprod().double().numpy(), native_size=D.SIZE,
-                     vae_scale=VAE_CONFIG["scaling_factor"], name="shapes-training")
-    pipe = Pipeline(unet, vae, te, default_tokenizer(), info, device="cpu", dtype=torch.float32)
+    folder = os.path.join(work, "eval-model")
+    export(work, folder, 0)
     t0 = time.time()
-    res = heldout(pipe, n)
+    res = heldout(fastdiff.load(folder, device="cpu", dtype=torch.float32), n)
     log(f"{what}: " + " ".join(f"{k} {v:.2f}" for k, v in res.items() if k != "n")
         + f" ({time.time() - t0:.0f}s)")
     return res
