@@ -89,18 +89,25 @@ def test_caption_vocabulary_covers_every_split():
     assert torch.equal(vocab.global_ids[ids[:20]], full)
 
 
-def test_evaluate_and_grid_commands(quick_model, tmp_path, capsys):
+def test_evaluate_and_grid_commands(quick_model, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from examples.shapes import grid
 
+    seen = []  # the sampler and schedule each sampler score's pictures were drawn with
+    real_generate = E.generate
+    def spy(pipe, prompts, **kw):
+        seen.append((kw.get("sampler"), kw.get("schedule")))
+        return real_generate(pipe, prompts, **kw)
+    monkeypatch.setattr(E, "generate", spy)
     out = tmp_path / "scores.json"
     assert E.main(["--model", str(quick_model), "--n", "2", "--steps", "2", "--samplers", "euler,dpmpp_2m",
-                   "--json", str(out)]) == 0
+                   "--schedule", "karras", "--json", str(out)]) == 0
     import json
 
     res = json.loads(out.read_text())
     assert set(res["samplers"]) == {"euler", "dpmpp_2m"} and res["samplers"]["euler"]["n"] == 2
+    assert res["schedule"] == "karras" and seen[:2] == [("euler", "karras"), ("dpmpp_2m", "karras")]
     assert set(res["hypernetwork"]) == {"0.0", "0.5", "1.0"} and "pink" in res["embedding"]
     sheet = tmp_path / "grid.png"
     assert grid.main(["--model", str(quick_model), "--out", str(sheet), "--scale", "1", "--steps", "2"]) == 0

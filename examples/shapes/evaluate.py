@@ -2,7 +2,8 @@
 rate per strength, the embedding's colour.
 
     python -m examples.shapes.evaluate [--model fastdiff/data/shapes-model] [--n 100]
-                                       [--steps 20] [--cfg 4] [--samplers all|NAME,...] [--json FILE]
+                                       [--steps 20] [--cfg 4] [--samplers all|NAME,...]
+                                       [--schedule normal|karras|...] [--json FILE]
 
 Every image is generated through fastdiff's public pipeline (the same code `fastdiff generate`
 runs); FASTDIFF_OPS picks the op path (`torch`, or `triton` with TRITON_INTERPRET=1 on a CPU).
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samplers", default="euler_ancestral",
                    help="comma-separated sampler names, or 'all' (default: the default sampler)")
+    p.add_argument("--schedule", default="normal", help="sigma schedule for every sampler (default normal)")
     p.add_argument("--no-addons", action="store_true", help="skip the hypernetwork and embedding")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
@@ -107,13 +109,13 @@ def main(argv=None) -> int:
 
     pipe = fastdiff.load(a.model)
     names = SAMPLERS if a.samplers == "all" else tuple(a.samplers.split(","))
-    results: dict = {"model": a.model, "n": a.n, "steps": a.steps, "cfg": a.cfg,
+    results: dict = {"model": a.model, "n": a.n, "steps": a.steps, "cfg": a.cfg, "schedule": a.schedule,
                      "ops": os.environ.get("FASTDIFF_OPS", "auto"),
                      "samplers": {}}
     for name in names:
         t0 = time.time()
         res = results["samplers"][name] = heldout(pipe, a.n, seed=a.seed, steps=a.steps, sampler=name,
-                                                   guidance_scale=a.cfg)
+                                                   schedule=a.schedule, guidance_scale=a.cfg)
         print(f"{name:20s} {_fmt(res)}  ({time.time() - t0:.0f}s)", flush=True)
     if not a.no_addons:
         hn = os.path.join(a.model, HYPERNETWORK)
