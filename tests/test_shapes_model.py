@@ -77,6 +77,20 @@ def test_triton_interpreter_path_draws_what_the_torch_path_draws(pipe, monkeypat
         assert read(g)["iou"] == pytest.approx(read(r)["iou"], abs=0.03)
 
 
+def test_triton_kernels_on_cuda_score_like_the_torch_path(pipe, monkeypatch):
+    """On a GPU the compiled kernels are fast enough to score all N held-out prompts: the
+    pipeline's CUDA path (Triton kernels forced, fp16, CUDA graphs) against the torch path's
+    score on the CPU in fp32, same prompts and seeds (the noise is drawn on the CPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the interpreter would take hours for N prompts (see the test above)")
+    import fastdiff
+
+    ref = E.heldout(pipe, N)
+    monkeypatch.setenv("FASTDIFF_OPS", "triton")
+    got = E.heldout(fastdiff.load(device="cuda", dtype=torch.float16), N)
+    assert got["all"] >= TARGET and abs(got["all"] - ref["all"]) <= SLACK, (got, ref)
+
+
 def test_hypernetwork_makes_shapes_outlined_as_strength_rises(pipe):
     res = E.hypernetwork(pipe, os.path.join(MODEL, E.HYPERNETWORK), (0.0, 0.5, 1.0), N)
     rate = [res[s]["outlined"] for s in (0.0, 0.5, 1.0)]
