@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samplers", default="euler_ancestral",
                    help="comma-separated sampler names, or 'all' (default: the default sampler)")
-    p.add_argument("--schedule", default="normal", help="sigma schedule for every sampler (default normal)")
+    p.add_argument("--schedule", default="normal",
+                   help="sigma schedule for the sampler scores (default normal; the hypernetwork and "
+                   "embedding scores use the default sampler and schedule)")
     p.add_argument("--no-addons", action="store_true", help="skip the hypernetwork and embedding")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
