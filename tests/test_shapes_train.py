@@ -95,9 +95,11 @@ def test_evaluate_and_grid_commands(quick_model, tmp_path, capsys, monkeypatch):
     from examples.shapes import grid
 
     seen = []  # the sampler and schedule each sampler score's pictures were drawn with
+    asked = []  # and the prompts
     real_generate = E.generate
     def spy(pipe, prompts, **kw):
         seen.append((kw.get("sampler"), kw.get("schedule")))
+        asked.append(list(prompts))
         return real_generate(pipe, prompts, **kw)
     monkeypatch.setattr(E, "generate", spy)
     out = tmp_path / "scores.json"
@@ -109,8 +111,51 @@ def test_evaluate_and_grid_commands(quick_model, tmp_path, capsys, monkeypatch):
     assert set(res["samplers"]) == {"euler", "dpmpp_2m"} and res["samplers"]["euler"]["n"] == 2
     assert res["schedule"] == "karras" and seen[:2] == [("euler", "karras"), ("dpmpp_2m", "karras")]
     assert set(res["hypernetwork"]) == {"0.0", "0.5", "1.0"} and "pink" in res["embedding"]
+    # the base model asked for outlines in words, on the default sampler and schedule
+    assert res["outlined_prompts"]["n"] == 2 and seen[2] == (None, None)
+    assert all(p.startswith("an outlined ") for p in asked[2]) and not any("outlined" in p for p in asked[0])
     sheet = tmp_path / "grid.png"
     assert grid.main(["--model", str(quick_model), "--out", str(sheet), "--scale", "1", "--steps", "2"]) == 0
     im = Image.open(sheet)
     assert im.size == (8 * 66 + 2, 4 * 66 + 2)  # 8 columns x 4 rows of 64 px, 2 px padding
     assert "row 4 col 8" in capsys.readouterr().out
+
+
+def test_latent_weight_covers_the_shapes_box(monkeypatch):
+    """The UNet's loss weight is 1 + UNET_FG_WEIGHT on every latent pixel whose 8x8 patch meets
+    the shape's bounding box (an outline's inside included) and 1 elsewhere."""
+    monkeypatch.setattr(T, "UNET_FG_WEIGHT", 3.0)
+    imgs = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    imgs[:, 2] = 200  # blue background
+    imgs[0, :, 10:21, 30:34] = torch.tensor([250, 130, 20], dtype=torch.uint8)[:, None, None]  # a bar
+    imgs[1, :, 40:60, 3:25] = torch.tensor([20, 20, 20], dtype=torch.uint8)[:, None, None]  # an outline:
+    imgs[1, :, 42:58, 5:23] = imgs[1, :, :1, :1]  # background inside
+    w = T.latent_weight(imgs)
+    want = torch.ones(2, 1, 8, 8)
+    want[0, 0, 1:3, 3:5] = 4.0  # rows 10-20 -> cells 1-2, columns 30-33 -> cells 3-4
+    want[1, 0, 5:8, 0:4] = 4.0  # rows 40-59 -> cells 5-7, columns 3-24 -> cells 0-3 (inside too)
+    assert torch.equal(w, want)
+    # real pictures: the box always holds the whole shape and is a small part of the latent
+    imgs = T._images(range(64), 0, "train", "mixed")[0]
+    share = (T.latent_weight(imgs) > 1).float().mean(dim=(1, 2, 3))
+    assert share.min() >= 4 / 64 and share.max() <= 16 / 64
+
+
+def test_weighted_v_loss_is_normalised():
+    """Uniform weights give the unweighted loss exactly; weights on one region give that
+    region's mean squared error."""
+    torch.manual_seed(0)
+    unet = lambda x, t, ctx: x * 0.3 + ctx  # noqa: E731  a stand-in with a known output
+    z, ctx, acp = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), T.alphas_cumprod()
+    plain = T.v_loss(unet, z, ctx, torch.Generator().manual_seed(1), acp)
+    uniform = T.v_loss(unet, z, ctx, torch.Generator().manual_seed(1), acp, torch.full((4, 1, 8, 8), 2.5))
+    torch.testing.assert_close(uniform, plain, rtol=1e-6, atol=0)
+    w = torch.zeros(4, 1, 8, 8)
+    w[:, :, :2] = 1.0
+    region = T.v_loss(unet, z, ctx, torch.Generator().manual_seed(1), acp, w)
+    g = torch.Generator().manual_seed(1)  # the same draws, by hand
+    t = torch.randint(0, 1000, (4,), generator=g)
+    n = torch.randn(z.shape, generator=g)
+    a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
+    err = (unet(a * z + s * n, t, ctx) - (a * n - s * z)).square()
+    torch.testing.assert_close(region, err[:, :, :2].mean(), rtol=1e-5, atol=0)

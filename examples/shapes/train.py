@@ -76,6 +76,13 @@ VAE_FG_WEIGHT, VAE_LOGVAR_INIT = 10.0, -10.0
 # UNet phases: (steps, peak lr, cosine length, position-loss weight). Phase 0 was stopped at
 # 3500 of its 4000-step schedule when the held-out position score had stayed at chance.
 UNET_PHASES, UNET_BATCH, UNET_IMAGES = ((3500, 1e-3, 4000, 0.0), (1200, 5e-4, 1200, 0.1), (800, 3e-4, 800, 0.1)), 128, 32768
+# The v loss on latent pixels whose 8x8 patch holds part of the shape counts 1 + this many times
+# (0: every latent pixel alike).
+UNET_FG_WEIGHT = 0.0
+# Every MIXED_EVERY-th UNet picture is drawn "mixed" (half of those outlined: 3 -> 1 in 6).
+MIXED_EVERY = 3
+# Whether the position probe (train_unet) has a second head that must name the caption's style.
+STYLE_PROBE = False
 HN_STEPS, HN_BATCH, HN_IMAGES = 600, 64, 4096
 EMB_STEPS, EMB_BATCH, EMB_IMAGES = 300, 64, 4096
 EMBEDDING_WORD = "pink"
@@ -305,30 +312,47 @@ def alphas_cumprod():
     return torch.tensor(ac, dtype=torch.float32)
 
 
-def v_loss(unet, z, ctx, g, acp):
-    """The v-prediction loss at uniform timesteps (k-diffusion's CompVisVDenoiser's target)."""
+def v_loss(unet, z, ctx, g, acp, weight=None):
+    """The v-prediction loss at uniform timesteps (k-diffusion's CompVisVDenoiser's target);
+    `weight` [B, 1, h, w] weighs latent pixels (normalised to mean 1 over the batch)."""
     t = torch.randint(0, 1000, (z.shape[0],), generator=g)
     a, s = acp[t].sqrt()[:, None, None, None].to(z.device), (1 - acp[t]).sqrt()[:, None, None, None].to(z.device)
     n = torch.randn(z.shape, generator=g).to(z.device)
     pred = unet(a * z + s * n, t.float().to(z.device), ctx)
-    return F.mse_loss(pred, a * n - s * z)
+    if weight is None:
+        return F.mse_loss(pred, a * n - s * z)
+    weight = weight.to(z.device)
+    return (weight * (pred - (a * n - s * z)).square()).mean() / weight.mean()
+
+
+def latent_weight(imgs):
+    """Per-latent-pixel loss weights [N, 1, 8, 8] of uint8 pictures [N, 3, 64, 64]: 1 + UNET_FG_WEIGHT
+    where the latent pixel's 8x8 patch meets the shape's bounding box (of the pixels off the
+    corner's colour, the background: no shape reaches a corner; the box, so an outline's inside
+    counts too). The shape covers ~12% of the latent, so without this the background, learned
+    early, keeps most of the loss, and details like outlines come last."""
+    bg = imgs[:, :, :1, :1].int()
+    fg = (imgs.int() - bg).abs().amax(dim=1) > 24  # [N, 64, 64]
+    box = fg.any(dim=2)[:, :, None] & fg.any(dim=1)[:, None, :]
+    return 1.0 + UNET_FG_WEIGHT * F.max_pool2d(box[:, None].float(), 8)
 
 
 def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
-    """Latent means/stds and captions of n pictures. style None: the base model's mix, 1 in 6
-    outlined and 1 in 10 captions without the position clause (the model then places the shape
-    anywhere, so a prompt like the README's first command is in its distribution)."""
+    """Latent means/stds, captions and latent loss weights (latent_weight) of n pictures. style
+    None: the base model's mix, 1 in 2 * MIXED_EVERY outlined and 1 in 10 captions without the
+    position clause (the model then places the shape anywhere, so a prompt like the README's
+    first command is in its distribution)."""
     idx = range(n)
     if style is None:
-        imgs_f, caps_f, _ = _images([i for i in idx if i % 3], seed, split, "filled", mention_style)
-        imgs_m, caps_m, _ = _images([i for i in idx if i % 3 == 0], seed, split, "mixed", mention_style)
+        imgs_f, caps_f, _ = _images([i for i in idx if i % MIXED_EVERY], seed, split, "filled", mention_style)
+        imgs_m, caps_m, _ = _images([i for i in idx if i % MIXED_EVERY == 0], seed, split, "mixed", mention_style)
         imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
         # 1 in 10 without the position: "a red circle on a blue background"
         caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
     else:
         imgs, caps, _ = _images(idx, seed, split, style, mention_style)
     mean, std = encode_set(vae, imgs)
-    return mean, std, caps
+    return mean, std, caps, latent_weight(imgs)
 
 
 class EMA:
@@ -369,7 +393,7 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
     first starts from the EMA weights the one before saved (unet_text.pt), as does a resumed
     run (`first_phase`)."""
     vae = load_vae(work)
-    mean, std, caps = unet_data(vae, UNET_IMAGES, seed)
+    mean, std, caps, weight = unet_data(vae, UNET_IMAGES, seed)
     vocab = Vocab()
     te, unet = build_text_unet(seed)
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; text encoder "
@@ -380,6 +404,7 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
     # The position each caption names (9: none), for the auxiliary position loss.
     phrase_index = {D.POSITION_PHRASES[p]: i for i, p in enumerate(D.POSITIONS)}
     pos_label = torch.tensor([phrase_index[c.rsplit(", ", 1)[1]] if ", " in c else 9 for c in caps])
+    style_label = torch.tensor([int(" outlined " in c) for c in caps])  # 2: empty caption
     eos = vocab.local[vocab.tok.eos_id]
     for phase, (steps, lr, length, aux_weight) in enumerate(UNET_PHASES):
         if phase < first_phase:
@@ -394,7 +419,8 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
         te.text_model.embeddings.token_embedding.weight.requires_grad_(False)
         params = [table] + [p for p in te.parameters() if p.requires_grad] + list(unet.parameters())
         torch.manual_seed(seed + 40 + phase)
-        probe = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(D.POSITIONS) + 1).to(DEVICE)  # training only
+        # training only: position (9 + none), then style (filled, outlined, none) if STYLE_PROBE
+        probe = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(D.POSITIONS) + 1 + 3 * STYLE_PROBE).to(DEVICE)
         opt = torch.optim.AdamW(params + list(probe.parameters()), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         ema = EMA(params, 0.999)
         g = torch.Generator().manual_seed(seed + 1 + 2 * phase)
@@ -408,7 +434,7 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
             drop = torch.rand(UNET_BATCH, generator=g) < 0.1
             ids[drop] = empty
             ctx = te(inputs_embeds=table[ids.to(DEVICE)])
-            loss = v_loss(unet, z, ctx, g, acp)
+            loss = v_loss(unet, z, ctx, g, acp, weight[idx] if UNET_FG_WEIGHT else None)
             if aux_weight:
                 # The text encoder must say where: a linear probe on the first end-of-text token
                 # (CLIP's pooled output; every padding token is one too and sees the whole
@@ -417,7 +443,11 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
                 # colour word) and the UNet had nothing to place shapes by.
                 label = torch.where(drop, 9, pos_label[idx]).to(DEVICE)
                 first_eos = (ids == eos).int().argmax(dim=1).to(DEVICE)
-                aux = F.cross_entropy(probe(ctx[torch.arange(len(ids), device=DEVICE), first_eos]), label)
+                logits = probe(ctx[torch.arange(len(ids), device=DEVICE), first_eos])
+                aux = F.cross_entropy(logits[:, :len(D.POSITIONS) + 1], label)
+                if STYLE_PROBE:  # the same for "outlined", which the encoder also let fade
+                    style = torch.where(drop, 2, style_label[idx]).to(DEVICE)
+                    aux = aux + F.cross_entropy(logits[:, len(D.POSITIONS) + 1:], style)
                 loss_all = loss + aux_weight * aux
             else:
                 loss_all = loss
@@ -487,7 +517,7 @@ def _context_fn(te, vocab):
     return ctx
 
 
-def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, context):
+def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, weight, context):
     """Train `params` (an add-on; the UNet and text encoder stay frozen) on the v loss.
     context(list of picture indices) -> the UNet's context for them."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -498,7 +528,7 @@ def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, context):
             pg["lr"] = cosine_lr(step, steps, lr, warmup=20)
         idx = torch.randint(len(mean), (batch,), generator=g)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)).to(DEVICE)
-        loss = v_loss(unet, z, context(idx.tolist()), g, acp)
+        loss = v_loss(unet, z, context(idx.tolist()), g, acp, weight[idx] if UNET_FG_WEIGHT else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -512,7 +542,7 @@ def train_hypernetwork(work, out, seed):
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
     te.to(DEVICE)
     unet.to(DEVICE)
-    mean, std, caps = unet_data(vae, HN_IMAGES, seed + 7, style="outlined", mention_style=False)
+    mean, std, caps, weight = unet_data(vae, HN_IMAGES, seed + 7, style="outlined", mention_style=False)
     dim = TEXT_CONFIG["hidden_size"]
     torch.manual_seed(seed + 2)
     mods = {dim: tuple(HypernetworkModule(dim, [1, 2, 1], "relu", False, False, None) for _ in range(2))}
@@ -526,7 +556,7 @@ def train_hypernetwork(work, out, seed):
         m.kv_hook = hn
     ctx_of = _context_fn(te, vocab)
     _fit_addon("hypernetwork", list(hn.parameters()), 1e-3, HN_STEPS, HN_BATCH, seed + 3, unet,
-               mean, std, lambda batch: ctx_of([caps[i] for i in batch]))
+               mean, std, weight, lambda batch: ctx_of([caps[i] for i in batch]))
     file = {dim: [_cpu(m.state_dict()) for m in mods[dim]]}
     file.update({"name": HYPERNETWORK_NAME, "layer_structure": [1, 2, 1], "activation_func": "relu",
                  "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False,
@@ -541,7 +571,7 @@ def train_embedding(work, out, seed):
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
     te.to(DEVICE)
     unet.to(DEVICE)
-    mean, std, caps = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled")
+    mean, std, caps, weight = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled")
     word = vocab.local[vocab.tok.encode(EMBEDDING_WORD)[0]]
     table = te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone()
     colours = [vocab.local[vocab.tok.encode(c)[0]] for c in D.BASE_COLOURS]
@@ -550,7 +580,7 @@ def train_embedding(work, out, seed):
         ids = vocab.ids([caps[i] for i in batch]).to(DEVICE)
         return te(inputs_embeds=torch.where((ids == word)[..., None], vec, table[ids]))
 
-    _fit_addon("embedding", [vec], 5e-3, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, context)
+    _fit_addon("embedding", [vec], 5e-3, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, weight, context)
     path = os.path.join(out, f"{EMBEDDING_WORD}.safetensors")
     save_file({"emb_params": vec.detach().cpu().clone()}, path)
     log(f"wrote {path}")
