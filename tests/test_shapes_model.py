@@ -95,8 +95,9 @@ def test_hypernetwork_makes_shapes_outlined_as_strength_rises(pipe):
     res = E.hypernetwork(pipe, os.path.join(MODEL, E.HYPERNETWORK), (0.0, 0.5, 1.0), N)
     rate = [res[s]["outlined"] for s in (0.0, 0.5, 1.0)]
     assert rate[0] < 0.1 and rate[0] < rate[1] < rate[2] and rate[2] >= 0.6, res
-    for s in (0.0, 0.5, 1.0):  # what the caption asks for still holds
+    for s in (0.0, 0.5, 1.0):  # what the caption asks for still holds, the shape class too
         assert res[s]["colour"] >= 0.85 and res[s]["background"] >= 0.95 and res[s]["position"] >= 0.85, (s, res[s])
+        assert res[s]["shape"] >= 0.85, (s, res[s])
 
 
 def test_embedding_teaches_a_new_colour_word(pipe):
