@@ -159,3 +159,17 @@ def test_weighted_v_loss_is_normalised():
     a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
     err = (unet(a * z + s * n, t, ctx) - (a * n - s * z)).square()
     torch.testing.assert_close(region, err[:, :, :2].mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_unet_data_outlined_share(monkeypatch, every):
+    """1 in 2 * MIXED_EVERY of the base model's pictures are outlined (MIXED_EVERY 1: all
+    drawn mixed), their captions say so, and 1 in 10 captions has no position."""
+    monkeypatch.setattr(T, "MIXED_EVERY", every)
+    monkeypatch.setattr(T, "encode_set", lambda vae, imgs: (torch.zeros(len(imgs), 4, 8, 8),) * 2)
+    n = 600
+    _, _, caps, weight = T.unet_data(None, n, 0)
+    assert len(caps) == n and weight.shape == (n, 1, 8, 8)
+    share = sum(" outlined " in c for c in caps) / n
+    assert abs(share - 1 / (2 * every)) < 0.06, share
+    assert sum("," not in c for c in caps) == n // 10

@@ -344,9 +344,13 @@ def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
     first command is in its distribution)."""
     idx = range(n)
     if style is None:
-        imgs_f, caps_f, _ = _images([i for i in idx if i % MIXED_EVERY], seed, split, "filled", mention_style)
+        filled = [i for i in idx if i % MIXED_EVERY]
         imgs_m, caps_m, _ = _images([i for i in idx if i % MIXED_EVERY == 0], seed, split, "mixed", mention_style)
-        imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
+        if filled:
+            imgs_f, caps_f, _ = _images(filled, seed, split, "filled", mention_style)
+            imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
+        else:  # MIXED_EVERY 1: every picture mixed
+            imgs, caps = imgs_m, caps_m
         # 1 in 10 without the position: "a red circle on a blue background"
         caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
     else:
