@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default="normal",
                    help="sigma schedule for the sampler scores (default normal; the hypernetwork and "
                    "embedding scores use the default sampler and schedule)")
-    p.add_argument("--no-addons", action="store_true", help="skip the hypernetwork and embedding")
+    p.add_argument("--no-addons", action="store_true", help="skip the outlined-prompts, hypernetwork and embedding scores")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
 
