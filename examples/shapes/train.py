@@ -107,14 +107,14 @@ def cosine_lr(step, total, peak, warmup=100, floor=0.02):
 
 
 def _images(indices, seed, split, style, mention_style=True):
-    """-> uint8 [N, 3, 64, 64], captions, attributes."""
-    imgs, caps, attrs = [], [], []
+    """-> uint8 [N, 3, 64, 64], captions, attributes (N may be 0)."""
+    imgs, caps, attrs = [np.empty((0, D.SIZE, D.SIZE, 3), np.uint8)], [], []
     for i in indices:
         im, cap, a = D.sample(int(i), seed, split, style, mention_style)
-        imgs.append(im)
+        imgs.append(im[None])
         caps.append(cap)
         attrs.append(a)
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), caps, attrs
+    return torch.from_numpy(np.concatenate(imgs)).permute(0, 3, 1, 2).contiguous(), caps, attrs
 
 
 def vae_images(n, seed):
@@ -344,13 +344,9 @@ def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
     first command is in its distribution)."""
     idx = range(n)
     if style is None:
-        filled = [i for i in idx if i % MIXED_EVERY]
+        imgs_f, caps_f, _ = _images([i for i in idx if i % MIXED_EVERY], seed, split, "filled", mention_style)
         imgs_m, caps_m, _ = _images([i for i in idx if i % MIXED_EVERY == 0], seed, split, "mixed", mention_style)
-        if filled:
-            imgs_f, caps_f, _ = _images(filled, seed, split, "filled", mention_style)
-            imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
-        else:  # MIXED_EVERY 1: every picture mixed
-            imgs, caps = imgs_m, caps_m
+        imgs, caps = torch.cat([imgs_f, imgs_m]), caps_f + caps_m
         # 1 in 10 without the position: "a red circle on a blue background"
         caps = [c.rsplit(",", 1)[0] if i % 10 == 9 else c for i, c in enumerate(caps)]
     else:
