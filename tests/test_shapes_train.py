@@ -141,6 +141,24 @@ def test_latent_weight_covers_the_shapes_box(monkeypatch):
     assert share.min() >= 4 / 64 and share.max() <= 16 / 64
 
 
+@pytest.mark.parametrize("box", [False, True])
+def test_vae_shape_weight_covers_the_outline_inside_with_the_box(monkeypatch, box):
+    """The VAE's per-pixel weight is 1 + VAE_FG_WEIGHT on the shape's pixels, and with
+    VAE_FG_BOX on their whole bounding box (an outline's background-coloured inside too)."""
+    monkeypatch.setattr(T, "VAE_FG_WEIGHT", 5.0)
+    monkeypatch.setattr(T, "VAE_FG_BOX", box)
+    x = torch.full((2, 3, 64, 64), -0.5)  # background, in [-1, 1]
+    x[0, :, 10:21, 30:34] = 0.7  # a bar
+    x[1, :, 40:60, 3:25] = 0.9  # an outline with the background inside
+    x[1, :, 42:58, 5:23] = -0.5
+    w = T.shape_weight(x)
+    want = torch.ones(2, 1, 64, 64)
+    want[0, 0, 10:21, 30:34] = 6.0
+    want[1, 0, 40:60, 3:25] = 6.0
+    if not box:
+        want[1, 0, 42:58, 5:23] = 1.0
+    assert torch.equal(w, want)
+
 def test_weighted_v_loss_is_normalised():
     """Uniform weights give the unweighted loss exactly; weights on one region give that
     region's mean squared error."""

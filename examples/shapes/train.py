@@ -72,7 +72,8 @@ SCHEDULER_CONFIG = {
 
 # Steps and sizes of the last full run (its scores: examples/shapes/README.md).
 VAE_PHASES, VAE_BATCH, VAE_IMAGES = ((2000, 1e-3), (3000, 5e-4)), 16, 16384  # (steps, peak lr)
-VAE_FG_WEIGHT, VAE_LOGVAR_INIT = 10.0, -10.0
+# Shape pixels (VAE_FG_BOX: their bounding box) count 1 + VAE_FG_WEIGHT times in the VAE's loss.
+VAE_FG_WEIGHT, VAE_FG_BOX, VAE_LOGVAR_INIT = 10.0, False, -10.0
 # UNet phases: (steps, peak lr, cosine length, position-loss weight). Phase 0 was stopped at
 # 3500 of its 4000-step schedule when the held-out position score had stayed at chance.
 UNET_PHASES, UNET_BATCH, UNET_IMAGES = ((3500, 1e-3, 4000, 0.0), (1200, 5e-4, 1200, 0.1), (800, 3e-4, 800, 0.1)), 128, 32768
@@ -149,9 +150,14 @@ def zero_init_residuals(model):
 def shape_weight(x):
     """Per-pixel loss weight [B, 1, H, W] for pictures x in [-1, 1]: the shape covers ~6% of a
     picture, so its pixels (those off the commonest colour) count VAE_FG_WEIGHT + 1 times, or the
-    background alone pays off and the shape is learned last."""
+    background alone pays off and the shape is learned last. With VAE_FG_BOX the whole bounding
+    box of those pixels does: an outline's inside too, which the shape's pixels alone leave at
+    weight 1, so the VAE learned to fill small outlined triangles in (half of them read filled)."""
     bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-    return 1.0 + VAE_FG_WEIGHT * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.05  # [B, 1, H, W]
+    if VAE_FG_BOX:
+        fg = fg.any(dim=3, keepdim=True) & fg.any(dim=2, keepdim=True)
+    return 1.0 + VAE_FG_WEIGHT * fg.float()
 
 
 def vae_recon_score(vae, n=200, seed=5):
