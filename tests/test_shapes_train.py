@@ -159,6 +159,7 @@ def test_vae_shape_weight_covers_the_outline_inside_with_the_box(monkeypatch, bo
         want[1, 0, 42:58, 5:23] = 1.0
     assert torch.equal(w, want)
 
+
 def test_weighted_v_loss_is_normalised():
     """Uniform weights give the unweighted loss exactly; weights on one region give that
     region's mean squared error."""
