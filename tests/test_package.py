@@ -1,5 +1,6 @@
 """The package as installed: entry points, the compiled core, and the wheel's layout."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,12 @@ def test_core_is_compiled_and_links_no_torch():
     path = Path(_core.__file__)
     assert path.suffix == ".so" or path.suffix == ".pyd"
     if shutil.which("ldd"):
-        linked = _run("ldd", str(path)).stdout
-        assert "torch" not in linked and "c10" not in linked, linked
+        out = _run("ldd", str(path)).stdout
+        # the libraries' names and paths, not their load addresses: "(0x...7f09ca0c1000)"
+        # holds "c10" by chance often enough to fail a run
+        linked = re.sub(r"\(0x[0-9a-f]+\)", "", out)
+        assert "libc.so" in linked, out  # ldd's output is what this reads
+        assert "torch" not in linked and "c10" not in linked, out
 
 
 def test_kernels_install_under_fastdiff_namespace():
