@@ -147,6 +147,11 @@ def zero_init_residuals(model):
     return model
 
 
+def _box(fg):
+    """The bounding box of each mask in fg [..., H, W] (bool), as a mask of the same shape."""
+    return fg.any(dim=-1, keepdim=True) & fg.any(dim=-2, keepdim=True)
+
+
 def shape_weight(x):
     """Per-pixel loss weight [B, 1, H, W] for pictures x in [-1, 1]: the shape covers ~6% of a
     picture, so its pixels (those off the commonest colour) count VAE_FG_WEIGHT + 1 times, or the
@@ -156,7 +161,7 @@ def shape_weight(x):
     bg = x.flatten(2).median(dim=2).values[:, :, None, None]
     fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.05  # [B, 1, H, W]
     if VAE_FG_BOX:
-        fg = fg.any(dim=3, keepdim=True) & fg.any(dim=2, keepdim=True)
+        fg = _box(fg)
     return 1.0 + VAE_FG_WEIGHT * fg.float()
 
 
@@ -339,8 +344,7 @@ def latent_weight(imgs):
     early, keeps most of the loss, and details like outlines come last."""
     bg = imgs[:, :, :1, :1].int()
     fg = (imgs.int() - bg).abs().amax(dim=1) > 24  # [N, 64, 64]
-    box = fg.any(dim=2)[:, :, None] & fg.any(dim=1)[:, None, :]
-    return 1.0 + UNET_FG_WEIGHT * F.max_pool2d(box[:, None].float(), 8)
+    return 1.0 + UNET_FG_WEIGHT * F.max_pool2d(_box(fg)[:, None].float(), 8)
 
 
 def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
