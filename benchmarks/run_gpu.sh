@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in order of importance, each step time-boxed so the others
-# still run: build, CUDA tests (kernels, ops, graphs), pipeline benchmark vs diffusers, kernel
-# benchmark. Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA,
-# triton, pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
+# still run: build, launch-parameter sweeps (SWEEP=gn,ln,attn, off by default), CUDA tests
+# (kernels, ops, graphs; TESTS=tests for all), pipeline benchmark vs diffusers, kernel benchmark.
+# Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA, triton, pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -21,6 +21,7 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
+[ -z "${SWEEP:-}" ] || step sweep "${SWEEP_SECS:-240}" python3 benchmarks/sweep_kernels.py --only "$SWEEP"
 [ -n "${NO_TESTS:-}" ] || step tests "${TEST_SECS:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:--n 8} -m "${TEST_MARK:-cuda or not cuda}" ${TESTS:-tests/test_kernels.py tests/test_ops.py tests/test_graphs.py tests/test_kernels_compile.py}
 [ -n "${NO_PIPELINE:-}" ] || step pipeline "${PIPE_SECS:-300}" python3 -m fastdiff.bench ${PIPE_ARGS:-}
 [ -n "${NO_KERNELS:-}" ] || step kernels "${KERN_SECS:-180}" python3 benchmarks/bench_kernels.py

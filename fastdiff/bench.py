@@ -285,12 +285,17 @@ class Bench:
         eager = load_fastdiff(self.root, self.device, self.dtype, cuda_graphs=False)
         eager_lat = eager(PROMPT, output_type="latent", **kw).images
         del eager
+        cl = load_fastdiff(self.root, self.device, self.dtype, channels_last=True)
+        cl_np = cl(PROMPT, output_type="np", **kw).images
+        del cl
         fp32 = load_fastdiff(self.root, self.device, torch.float32, cuda_graphs=False)
         ref_np = fp32(PROMPT, output_type="np", **kw).images
         del fp32
         torch.cuda.empty_cache()
         self.rows["fidelity"] = {
             "psnr_fp16_graph_vs_fp32_db": psnr(fast_np, ref_np),
+            "psnr_fp16_graph_channels_last_vs_fp32_db": psnr(cl_np, ref_np),
+            "psnr_fp16_graph_channels_last_vs_fp16_graph_db": psnr(cl_np, fast_np),
             "rel_err_graph_vs_eager_fp16_latents": float((fast_lat.double() - eager_lat.double()).norm()
                                                          / eager_lat.double().norm()),
             "max_abs_graph_vs_eager_fp16_latents": float((fast_lat - eager_lat).abs().max()),

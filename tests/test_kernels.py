@@ -145,12 +145,14 @@ GN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["auto", "rows"])
+@pytest.mark.parametrize("path", ["auto", "rows", "group"])
 @pytest.mark.parametrize("shape,groups,silu,cl,affine,splits", GN_CASES)
 def test_group_norm(device, dtype, shape, groups, silu, cl, affine, splits, path):
     L = shape[1] // groups * (torch.Size(shape[2:]).numel())
     if path == "rows" and (cl or splits is not None or L > gn_k.ROWS_MAX):
         pytest.skip("the rows path takes contiguous inputs with short groups, no splits")
+    if path == "group" and splits is not None:
+        pytest.skip("the group path has no splits (one program per group)")
     gen = seeded("gn", shape, groups, silu, cl, affine, splits, str(dtype))
     C = shape[1]
     x = randn(shape, dtype, device, gen, scale=2.0, shift=0.5)
@@ -176,7 +178,7 @@ def test_group_norm_large_mean(device):
     check(gn_k.group_norm(x, 2, w, b, 1e-6, splits=3), gn_k.group_norm_ref(x, 2, w, b, 1e-6), torch.float32)
 
 
-@pytest.mark.parametrize("path", ["rows", "split"])
+@pytest.mark.parametrize("path", ["rows", "split", "group"])
 def test_group_norm_paths_large_mean(device, path):
     # Both paths on the same contiguous input whose mean swamps its spread.
     gen = seeded("gn-mean-paths", path)
@@ -194,6 +196,23 @@ def test_group_norm_rows_packs_many_groups_per_program(device):
     x = randn((n, 8, 4, 4), torch.float32, device, gen, scale=3.0, shift=-1.0)
     out = torch.full_like(x, float("nan"))
     check(gn_k.group_norm(x, 2, None, None, out=out, path="rows"), gn_k.group_norm_ref(x, 2, None, None), torch.float32)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_group_path_merges_many_tiles(device, cl, monkeypatch):
+    # A tile of 64 values against groups of 3 channels x 70 pixels: each group spans several
+    # tiles (the last partial), so the in-program Chan merge and the apply loop are exercised.
+    monkeypatch.setattr(gn_k, "GROUP_TILE", 64)
+    gen = seeded("gn-group-tiles", cl)
+    x = randn((2, 6, 7, 10), torch.float32, device, gen, scale=3.0, shift=5.0)
+    w = randn((6,), torch.float32, device, gen)
+    b = randn((6,), torch.float32, device, gen)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    out = torch.full_like(x, float("nan"))
+    y = gn_k.group_norm(x, 2, w, b, 1e-6, silu=True, out=out, path="group")
+    assert y.data_ptr() == out.data_ptr()
+    check(y, gn_k.group_norm_ref(x, 2, w, b, 1e-6, silu=True), torch.float32)
 
 
 def test_group_norm_rows_refuses_what_it_cannot_do(device):

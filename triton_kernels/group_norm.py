@@ -178,10 +178,69 @@ def _gn_rows(
     tl.store(y + offs, out.to(y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gn_group(
+    x, y, w, bias,
+    sxb, sxc, sxs, syb, syc, sys,
+    G, CPG, HW, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (batch, group), one launch: the split path's two kernels with S = 1 —
+    tile moments merged with Chan's formula, then the apply loop over the same tiles (the
+    second read of a small group comes from L2)."""
+    pid_bg = tl.program_id(0).to(tl.int64)
+    b = pid_bg // G
+    g = pid_bg % G
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CPG
+    ch = g * CPG + offs_c
+    xbase = x + b * sxb + ch[:, None].to(tl.int64) * sxc
+    pivot = tl.load(x + b * sxb + (g * CPG).to(tl.int64) * sxc).to(tl.float32)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for s0 in range(0, HW, BLOCK_S):
+        pos = s0 + offs_s
+        mask = mask_c[:, None] & (pos < HW)[None, :]
+        v = tl.load(xbase + pos[None, :].to(tl.int64) * sxs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, v - pivot, 0.0)
+        n_t = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
+        mean_t = tl.sum(tl.sum(v, 1), 0) / n_t
+        d = tl.where(mask, v - mean_t, 0.0)
+        m2_t = tl.sum(tl.sum(d * d, 1), 0)
+        n_new = n + n_t
+        delta = mean_t - mean
+        mean = mean + delta * (n_t / n_new)
+        m2 = m2 + m2_t + delta * delta * (n * n_t / n_new)
+        n = n_new
+    rstd = 1.0 / tl.sqrt(m2 / n + eps)
+    a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    if HAS_W:
+        a = a * tl.load(w + ch, mask=mask_c, other=0.0).to(tl.float32)
+    shift = -mean * a
+    if HAS_B:
+        shift = shift + tl.load(bias + ch, mask=mask_c, other=0.0).to(tl.float32)
+    ybase = y + b * syb + ch[:, None].to(tl.int64) * syc
+    for s0 in range(0, HW, BLOCK_S):
+        pos = (s0 + offs_s)[None, :]
+        mask = mask_c[:, None] & (pos < HW)
+        v = tl.load(xbase + pos.to(tl.int64) * sxs, mask=mask, other=0.0).to(tl.float32)
+        out = (v - pivot) * a[:, None] + shift[:, None]
+        if SILU:
+            out = out * tl.sigmoid(out)
+        tl.store(ybase + pos.to(tl.int64) * sys, out.to(y.dtype.element_ty), mask=mask)
+
+
 # Longest group (CPG * HW) the rows kernel holds in registers, and values per program; the
 # interpreter has no registers to run out of, only a per-program cost.
 ROWS_MAX = 65536 if INTERPRET else 4096
 _ROWS_TILE = 65536 if INTERPRET else 4096
+# The group path's tile (values per loop iteration) and warps (0: by tile size); module
+# attributes so that benchmarks/sweep_kernels.py can try others.
+GROUP_TILE = 65536 if INTERPRET else 4096
+GROUP_WARPS = 0
 
 
 _sm_count = {}
@@ -224,11 +283,12 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, out=None, spli
     """GroupNorm (+ SiLU) of x [B, C, *spatial] -> same shape, dtype and memory format.
 
     ``path``: "split" (the two-launch split reduction), "rows" (one launch, whole groups in
-    registers: contiguous inputs with CPG * HW <= ROWS_MAX only) or "auto" (rows where it
+    registers: contiguous inputs with CPG * HW <= ROWS_MAX only), "group" (one launch, one
+    program per group looping over it twice: any layout) or "auto" (rows where it
     applies and the Triton interpreter or a CPU runs it, else split). ``splits`` forces the
     number of slices per group of the split path (tests use it to exercise the merge)."""
-    if path not in ("auto", "rows", "split"):
-        raise ValueError(f"group_norm: path must be 'auto', 'rows' or 'split', got {path!r}")
+    if path not in ("auto", "rows", "split", "group"):
+        raise ValueError(f"group_norm: path must be 'auto', 'rows', 'split' or 'group', got {path!r}")
     why = unsupported(x, num_groups, weight, bias)
     if why:
         raise ValueError(f"group_norm kernel: {why}")
@@ -271,6 +331,18 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, out=None, spli
         return out
 
     block_c = triton.next_power_of_2(cpg)
+    if path == "group":
+        if splits is not None:
+            raise ValueError("group_norm: the group path takes no splits (one program per group)")
+        block_s = max(16, min(triton.next_power_of_2(HW), max(1, GROUP_TILE // block_c)))
+        _gn_group[(B * G,)](
+            x, out, weight if weight is not None else x, bias if bias is not None else x,
+            sxb, sxc, sxs, syb, syc, sys_, G, cpg, HW, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu),
+            BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=GROUP_WARPS or (4 if block_c * block_s <= 2048 else 8),
+        )
+        return out
     block_s = max(16, min(triton.next_power_of_2(HW), max(1, 4096 // block_c)))
     if splits is None:
         splits = triton.cdiv(_target_programs(x.device), B * G)
