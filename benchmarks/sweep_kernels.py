@@ -35,10 +35,9 @@ def _check(ours, ref, tol=5e-3):
     return err
 
 
-def sweep_group_norm():
+def sweep_group_norm(rows, save):
     from fastdiff.triton_kernels import group_norm as gn_k
 
-    rows = []
     for name, kind, p in bk.cases():
         if kind != "group_norm":
             continue
@@ -85,15 +84,15 @@ def sweep_group_norm():
         print(f"{name:32s} L={L:7d} torch {row['ms']['torch']:.4f} split {row['ms']['split']:.4f} "
               f"best {best} {row['ms'][best]:.4f} ({row['speedup_best']:.2f}x)", flush=True)
         rows.append(row)
+        save()
     return rows
 
 
-def sweep_layer_norm():
+def sweep_layer_norm(rows, save):
     import triton
 
     from fastdiff.triton_kernels import layer_norm as ln_k
 
-    rows = []
     for M, N in bk.LN_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(M, N, device="cuda", dtype=bk.DTYPE, generator=g)
@@ -125,6 +124,7 @@ def sweep_layer_norm():
         print(f"{row['name']:24s} torch {row['ms']['torch']:.4f} default {row['ms']['default']:.4f} "
               f"best {best} {row['ms'][best]:.4f} ({row['speedup_best']:.2f}x)", flush=True)
         rows.append(row)
+        save()
     return rows
 
 
@@ -132,7 +132,7 @@ EXTRA_ATTN = [(128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 
               (64, 64, 4, 4), (64, 64, 2, 3), (256, 64, 8, 3), (128, 32, 8, 3), (64, 32, 2, 3)]
 
 
-def sweep_attention():
+def sweep_attention(rows, save):
     import math
 
     import triton
@@ -141,7 +141,6 @@ def sweep_attention():
 
     base = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in at_k._configs()]
     configs = base + [c for c in EXTRA_ATTN if c not in base]
-    rows = []
     for name, kind, p in bk.cases():
         if kind != "attention":
             continue
@@ -182,6 +181,7 @@ def sweep_attention():
         print(f"{name:36s} sdpa {row['ms']['sdpa']:.4f} autotuned {row['ms']['autotuned']:.4f} "
               f"best {best} {row['ms'][best]:.4f} ({row['speedup_best']:.2f}x)", flush=True)
         rows.append(row)
+        save()
     return rows
 
 
@@ -204,11 +204,15 @@ def main(argv=None):
                     "per call (20 calls in one CUDA graph, median of 7)"}
     dev = re.sub(r"[^A-Za-z0-9]+", "-", doc["device"]).strip("-")
     path = bk.RESULTS_DIR / f"sweep-{dev}-{doc['date']}.json"
+    bk.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after each row, so a run cut short by its time box keeps what it measured
+        path.write_text(json.dumps(doc, indent=2))
+
     for key, fn in (("gn", sweep_group_norm), ("ln", sweep_layer_norm), ("attn", sweep_attention)):
         if key in parts:
-            doc[key] = fn()
-            bk.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(doc, indent=2))  # after each part, so a timeout keeps some
+            doc[key] = []
+            fn(doc[key], save)
     print(f"wrote {path}")
     return 0
 
