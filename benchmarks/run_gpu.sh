@@ -2,7 +2,8 @@
 # One GPU session's measurements, in order of importance, each step time-boxed so the others
 # still run: build, launch-parameter sweeps (SWEEP=gn,ln,attn, off by default), CUDA tests
 # (kernels, ops, graphs; TESTS=tests for all), pipeline benchmark vs diffusers, kernel benchmark.
-# Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA, triton, pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
+# Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA, triton,
+# pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"

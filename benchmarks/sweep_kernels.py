@@ -54,7 +54,7 @@ def sweep_group_norm(rows, save):
 
         ref = torch_fn()
         row = {"name": name, "L": C // 32 * s * s, "ms": {"torch": bk.graph_time_ms(torch_fn)}}
-        cands = [("split", dict(path="split"), {})]
+        cands = [("auto", dict(path="auto"), {}), ("split", dict(path="split"), {})]
         for tile in (1024, 2048, 4096, 8192):
             for warps in (4, 8):
                 cands.append((f"group tile={tile} w={warps}", dict(path="group"),

@@ -215,6 +215,53 @@ def test_group_norm_group_path_merges_many_tiles(device, cl, monkeypatch):
     check(y, gn_k.group_norm_ref(x, 2, w, b, 1e-6, silu=True), torch.float32)
 
 
+def _h100_sweep():
+    import glob
+    import json
+
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                                          "sweep-NVIDIA-H100-*.json")))
+    if not files:
+        pytest.skip("no committed H100 sweep")
+    return json.load(open(files[-1]))
+
+
+def test_group_norm_auto_path_is_the_swept_fastest(monkeypatch):
+    # path="auto" on CUDA against what the committed H100 sweep measured at each SD 1.5 shape
+    # (NCHW, fp16, batch 2): the path it picks, at its default tile, must be within 15% of the
+    # fastest candidate tried there. Pure launch logic: runs anywhere.
+    monkeypatch.setattr(gn_k, "ROWS_MAX", 4096)  # the CUDA values
+    monkeypatch.setattr(gn_k, "_ROWS_TILE", 4096)
+    monkeypatch.setattr(gn_k, "GROUP_TILE", 8192)
+    rows = _h100_sweep()["gn"]
+    assert len(rows) >= 20
+    picked = {"rows": "rows tile=4096", "group": "group tile=8192 w=8", "split": "split"}
+    seen = set()
+    for r in rows:
+        path = gn_k.auto_path("contiguous", r["L"], None, gpu=True)
+        seen.add(path)
+        ms = {k: v for k, v in r["ms"].items() if v and k not in ("torch", "auto")}
+        assert ms[picked[path]] <= 1.15 * min(ms.values()), (r["name"], path, ms)
+    assert seen == {"rows", "group", "split"}
+    # What the sweep did not cover stays on the split path; the interpreter never takes "group".
+    assert gn_k.auto_path("channels_last", 10240, None, gpu=True) == "split"
+    assert gn_k.auto_path("contiguous", 10240, 4, gpu=True) == "split"
+    assert gn_k.auto_path("contiguous", 10240, None, gpu=False) == "split"
+    assert gn_k.auto_path("contiguous", 4096, None, gpu=False) == "rows"
+
+
+def test_layer_norm_launch_is_the_swept_fastest():
+    # The CUDA launch heuristic against the committed H100 sweep's (rows, warps) grid: within
+    # 10% of the best of the 20 at each SD 1.5 LayerNorm shape.
+    import triton
+
+    for r in _h100_sweep()["ln"]:
+        m, n = (int(v) for v in r["name"].split()[-1].split("x"))
+        rows, warps = ln_k._launch(m, triton.next_power_of_2(n))
+        ms = {k: v for k, v in r["ms"].items() if v and k not in ("torch", "default")}
+        assert ms[f"rows={rows} w={warps}"] <= 1.10 * min(ms.values()), (r["name"], rows, warps, ms)
+
+
 def test_group_norm_rows_refuses_what_it_cannot_do(device):
     x = torch.randn(1, 8, 4, 4, device=device)
     with pytest.raises(ValueError, match="rows path"):

@@ -51,6 +51,10 @@ def _configs():
         (64, 64, 4, 3),
         (64, 32, 4, 2),
         (32, 32, 4, 1),  # always fits, even at BLOCK_D = 256 in fp32
+        # The H100 sweep's fastest at L = 4096, D = 40 (0.300 and 0.308 ms against 0.330-0.44 for
+        # the above; SDPA 0.164): benchmarks/results/sweep-NVIDIA-H100-80GB-HBM3-2026-11-24-4132486.json
+        (256, 64, 8, 3),
+        (128, 32, 8, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return cfgs

@@ -21,8 +21,13 @@ program, mean and then the centred variance from registers (two passes about the
 value, no cancellation).
 The Triton interpreter pays ~8 ms per program whatever its size, so there it packs up to 64K
 values per program: a UNet on 8x8 latents at batch 200 runs GroupNorm in ~10 programs instead of
-6400 (28 s -> well under a second per call). On CUDA ``path="auto"`` keeps the split reduction
-until the rows kernel's speed has been measured there (``path="rows"`` forces it; tests do).
+6400 (28 s -> well under a second per call). On CUDA ``path="auto"`` picks by group size, as
+measured on an H100 (see GROUP_MAX): rows up to 4096 values, the one-launch group path up to
+32768, the split reduction beyond.
+
+Middle-sized groups (``group``): ``_gn_group`` is the split path with one slice, in one
+launch: one program per group computes the tile moments, merges them (Chan), then loops over
+the group again to write it (that second read mostly hits L2).
 
 Not supported: other memory layouts (copied to contiguous first), C not divisible by the
 number of groups (an error, as in torch), fp64 / integer inputs (ops falls back).
@@ -238,9 +243,18 @@ def _gn_group(
 ROWS_MAX = 65536 if INTERPRET else 4096
 _ROWS_TILE = 65536 if INTERPRET else 4096
 # The group path's tile (values per loop iteration) and warps (0: by tile size); module
-# attributes so that benchmarks/sweep_kernels.py can try others.
-GROUP_TILE = 65536 if INTERPRET else 4096
+# attributes so that benchmarks/sweep_kernels.py can try others. 8192 values and 8 warps
+# were fastest at every UNet shape in the H100 sweep (1.2-1.6x the 4096 tile).
+GROUP_TILE = 65536 if INTERPRET else 8192
 GROUP_WARPS = 0
+# On CUDA, path="auto" takes the group path for contiguous groups of at most GROUP_MAX values
+# (rows up to ROWS_MAX), the split reduction above. Measured on an H100, fp16, batch 2
+# (benchmarks/results/sweep-NVIDIA-H100-80GB-HBM3-2026-11-24-4132486.json): at L = CPG * HW
+# <= 30720 the group path beat the split one 1.6-5.6x (it needs one launch, no partials, and
+# 64 programs of up to 30K values keep the SMs busy enough); at L >= 40960 the split one won
+# (0.015 vs 0.022 ms at 40960, 2-4x at the VAE's 262144+). channels_last was not swept:
+# it keeps the split path.
+GROUP_MAX = 32768
 
 
 _sm_count = {}
@@ -279,14 +293,25 @@ def unsupported(x, num_groups, weight, bias) -> str | None:
     return None
 
 
+def auto_path(layout, L, splits, gpu) -> str:
+    """What path="auto" runs for a group of L = CPG * HW values in `layout` ("contiguous",
+    "channels_last"...); `gpu`: compiled CUDA, not the interpreter. See GROUP_MAX."""
+    if layout == "contiguous" and L <= ROWS_MAX and splits is None:
+        return "rows"
+    if gpu and layout == "contiguous" and L <= GROUP_MAX and splits is None:
+        return "group"
+    return "split"
+
+
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, out=None, splits=None, path="auto"):
     """GroupNorm (+ SiLU) of x [B, C, *spatial] -> same shape, dtype and memory format.
 
     ``path``: "split" (the two-launch split reduction), "rows" (one launch, whole groups in
     registers: contiguous inputs with CPG * HW <= ROWS_MAX only), "group" (one launch, one
     program per group looping over it twice: any layout) or "auto" (rows where it
-    applies and the Triton interpreter or a CPU runs it, else split). ``splits`` forces the
-    number of slices per group of the split path (tests use it to exercise the merge)."""
+    applies; on CUDA the group path for contiguous groups up to GROUP_MAX values; else
+    split). ``splits`` forces the number of slices per group of the split path (tests use it
+    to exercise the merge)."""
     if path not in ("auto", "rows", "split", "group"):
         raise ValueError(f"group_norm: path must be 'auto', 'rows', 'split' or 'group', got {path!r}")
     why = unsupported(x, num_groups, weight, bias)
@@ -319,7 +344,9 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, out=None, spli
     if path == "rows" and not rows_ok:
         raise ValueError(f"group_norm: the rows path needs a contiguous input with channels per group x "
                          f"pixels <= {ROWS_MAX} (got {layout}, {cpg} x {HW}) and no splits")
-    if path == "rows" or (path == "auto" and rows_ok and (INTERPRET or x.device.type != "cuda")):
+    if path == "auto":
+        path = auto_path(layout, L, splits, x.device.type == "cuda" and not INTERPRET)
+    if path == "rows":
         block_l = triton.next_power_of_2(L)
         block_r = max(1, min(triton.next_power_of_2(B * G), _ROWS_TILE // block_l))
         _gn_rows[(triton.cdiv(B * G, block_r),)](
