@@ -139,6 +139,13 @@ def test_latent_weight_covers_the_shapes_box(monkeypatch):
     imgs = T._images(range(64), 0, "train", "mixed")[0]
     share = (T.latent_weight(imgs) > 1).float().mean(dim=(1, 2, 3))
     assert share.min() >= 4 / 64 and share.max() <= 16 / 64
+    # a stage's own weight (the embedding's EMB_FG_WEIGHT) replaces UNET_FG_WEIGHT; 0 means none
+    w2 = T.latent_weight(imgs, 2.0)
+    assert torch.equal(w2 > 1, T.latent_weight(imgs) > 1) and set(w2.unique().tolist()) == {1.0, 3.0}
+    monkeypatch.setattr(T, "encode_set", lambda vae, imgs: (torch.zeros(len(imgs), 4, 8, 8),) * 2)
+    assert T.unet_data(None, 4, 0, fg_weight=0.0)[3] is None
+    assert torch.equal(T.unet_data(None, 4, 0, split="novel", style="filled", fg_weight=2.0)[3],
+                       T.latent_weight(T._images(range(4), 0, "novel", "filled")[0], 2.0))
 
 
 @pytest.mark.parametrize("box", [False, True])
@@ -185,6 +192,7 @@ def test_unet_data_outlined_share(monkeypatch, every):
     """1 in 2 * MIXED_EVERY of the base model's pictures are outlined (MIXED_EVERY 1: all
     drawn mixed), their captions say so, and 1 in 10 captions has no position."""
     monkeypatch.setattr(T, "MIXED_EVERY", every)
+    monkeypatch.setattr(T, "UNET_FG_WEIGHT", 4.0)  # so the weights come back (0: None)
     monkeypatch.setattr(T, "encode_set", lambda vae, imgs: (torch.zeros(len(imgs), 4, 8, 8),) * 2)
     n = 600
     _, _, caps, weight = T.unet_data(None, n, 0)
@@ -192,3 +200,44 @@ def test_unet_data_outlined_share(monkeypatch, every):
     share = sum(" outlined " in c for c in caps) / n
     assert abs(share - 1 / (2 * every)) < 0.06, share
     assert sum("," not in c for c in caps) == n // 10
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_embedding_vectors_sit_where_the_pipeline_puts_them(n):
+    """Training writes the embedding's word n times and gives its k-th copy vector k; the
+    pipeline's tokenizer, given an n-vector embedding for the word, leaves n slots at the same
+    positions and the same tokens around them. So what the embedding learns is what it gets."""
+    from fastdiff import prompts as P
+
+    vocab = T.Vocab()
+    caption = "a pink circle on a blue background, top left"
+    ids = vocab.ids([caption.replace("pink", " ".join(["pink"] * n))])  # [1, 77] local ids
+    word = vocab.local[vocab.tok.encode("pink")[0]]
+    table, vec = torch.randn(len(vocab.global_ids), 8), torch.randn(n, 8)
+    got = T.embedding_inputs(ids, word, vec, table)[0]  # [77, 8]
+    bt = P.tokenize_batch([caption], vocab.tok, {"pink": n})
+    assert len(bt.fixes) == 1
+    _, chunk, pos, name = bt.fixes[0]
+    assert (chunk, name) == (0, "pink")
+    slots = list(range(pos, pos + n))
+    for k, j in enumerate(slots):
+        assert torch.equal(got[j], vec[k])
+    rest = [j for j in range(77) if j not in slots]
+    assert torch.equal(got[rest], table[ids[0, rest]])
+    assert torch.equal(vocab.global_ids[ids[0, rest]], bt.ids[0, rest])
+
+
+def test_hypernetwork_stage_writes_its_layer_structure(quick_model, tmp_path, monkeypatch):
+    """HN_LAYERS reaches the A1111 file: the loader rebuilds that structure and its weights."""
+    from fastdiff.formats.hypernetwork import load_hypernetwork
+
+    for k, v in {"HN_LAYERS": (1, 3, 1), "HN_STEPS": 1, "HN_IMAGES": 8, "HN_BATCH": 2}.items():
+        monkeypatch.setattr(T, k, v)
+    T.train_hypernetwork(str(quick_model.parent / "work"), str(tmp_path), 0)
+    path = tmp_path / f"{T.HYPERNETWORK_NAME}.pt"
+    hn = load_hypernetwork(str(path))
+    assert hn.info["layer_structure"] == [1, 3, 1] and hn.dims == [T.TEXT_CONFIG["hidden_size"]]
+    saved = torch.load(path, weights_only=True)[T.TEXT_CONFIG["hidden_size"]][0]
+    dim = T.TEXT_CONFIG["hidden_size"]
+    assert saved["linear.0.weight"].shape == (3 * dim, dim)
+    torch.testing.assert_close(hn.layers[str(dim)][0].linear[0].weight, saved["linear.0.weight"], rtol=0, atol=0)

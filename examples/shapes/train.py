@@ -20,7 +20,7 @@ Stages, each reading the previous one's output from --work (so one can be re-run
                 encoder nor the UNet saw: trained on the novel split, everything else frozen
 
 Everything is fastdiff's own model code on the torch reference ops, with autograd, fp32, on the
-CPU (`--device cuda` moves the models and batches, not the random draws; not yet run on a GPU),
+CPU (`--device cuda` moves the models and batches, not the random draws; run once on an H100),
 seeded (bitwise run-to-run reproducibility has not been checked). The folder is written
 in diffusers layout with fp16 safetensors (15 MB), the hypernetwork as A1111's .pt and the
 embedding as A1111's .safetensors. `python -m examples.shapes.evaluate` scores the result;
@@ -85,7 +85,10 @@ MIXED_EVERY = 3
 # Whether the position probe (train_unet) has a second head that must name the caption's style.
 STYLE_PROBE = False
 HN_STEPS, HN_BATCH, HN_IMAGES = 600, 64, 4096
+HN_LAYERS, HN_LR = (1, 2, 1), 1e-3  # A1111's layer structure (widths in units of the context's)
 EMB_STEPS, EMB_BATCH, EMB_IMAGES = 300, 64, 4096
+EMB_VECTORS, EMB_LR = 1, 5e-3  # vectors the word stands for (A1111's "number of vectors per token")
+EMB_FG_WEIGHT = None  # the embedding stage's foreground weight (None: UNET_FG_WEIGHT's)
 EMBEDDING_WORD = "pink"
 # Where models train (--device). Every random draw stays on the CPU's generators and is moved,
 # so a run draws the same numbers on any device.
@@ -336,19 +339,22 @@ def v_loss(unet, z, ctx, g, acp, weight=None):
     return (weight * (pred - (a * n - s * z)).square()).mean() / weight.mean()
 
 
-def latent_weight(imgs):
-    """Per-latent-pixel loss weights [N, 1, 8, 8] of uint8 pictures [N, 3, 64, 64]: 1 + UNET_FG_WEIGHT
+def latent_weight(imgs, fg_weight=None):
+    """Per-latent-pixel loss weights [N, 1, 8, 8] of uint8 pictures [N, 3, 64, 64]: 1 + fg_weight
+    (default UNET_FG_WEIGHT)
     where the latent pixel's 8x8 patch meets the shape's bounding box (of the pixels off the
     corner's colour, the background: no shape reaches a corner; the box, so an outline's inside
     counts too). The shape covers ~12% of the latent, so without this the background, learned
     early, keeps most of the loss, and details like outlines come last."""
     bg = imgs[:, :, :1, :1].int()
     fg = (imgs.int() - bg).abs().amax(dim=1) > 24  # [N, 64, 64]
-    return 1.0 + UNET_FG_WEIGHT * F.max_pool2d(_box(fg)[:, None].float(), 8)
+    w = UNET_FG_WEIGHT if fg_weight is None else fg_weight
+    return 1.0 + w * F.max_pool2d(_box(fg)[:, None].float(), 8)
 
 
-def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
-    """Latent means/stds, captions and latent loss weights (latent_weight) of n pictures. style
+def unet_data(vae, n, seed, split="train", style=None, mention_style=True, fg_weight=None):
+    """Latent means/stds, captions and latent loss weights (latent_weight; None where the weight
+    is 0: every latent pixel alike) of n pictures. style
     None: the base model's mix, 1 in 2 * MIXED_EVERY outlined and 1 in 10 captions without the
     position clause (the model then places the shape anywhere, so a prompt like the README's
     first command is in its distribution)."""
@@ -362,7 +368,8 @@ def unet_data(vae, n, seed, split="train", style=None, mention_style=True):
     else:
         imgs, caps, _ = _images(idx, seed, split, style, mention_style)
     mean, std = encode_set(vae, imgs)
-    return mean, std, caps, latent_weight(imgs)
+    w = UNET_FG_WEIGHT if fg_weight is None else fg_weight
+    return mean, std, caps, latent_weight(imgs, w) if w else None
 
 
 class EMA:
@@ -444,7 +451,7 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
             drop = torch.rand(UNET_BATCH, generator=g) < 0.1
             ids[drop] = empty
             ctx = te(inputs_embeds=table[ids.to(DEVICE)])
-            loss = v_loss(unet, z, ctx, g, acp, weight[idx] if UNET_FG_WEIGHT else None)
+            loss = v_loss(unet, z, ctx, g, acp, None if weight is None else weight[idx])
             if aux_weight:
                 # The text encoder must say where: a linear probe on the first end-of-text token
                 # (CLIP's pooled output; every padding token is one too and sees the whole
@@ -538,7 +545,7 @@ def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, weight, co
             pg["lr"] = cosine_lr(step, steps, lr, warmup=20)
         idx = torch.randint(len(mean), (batch,), generator=g)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)).to(DEVICE)
-        loss = v_loss(unet, z, context(idx.tolist()), g, acp, weight[idx] if UNET_FG_WEIGHT else None)
+        loss = v_loss(unet, z, context(idx.tolist()), g, acp, None if weight is None else weight[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -555,7 +562,7 @@ def train_hypernetwork(work, out, seed):
     mean, std, caps, weight = unet_data(vae, HN_IMAGES, seed + 7, style="outlined", mention_style=False)
     dim = TEXT_CONFIG["hidden_size"]
     torch.manual_seed(seed + 2)
-    mods = {dim: tuple(HypernetworkModule(dim, [1, 2, 1], "relu", False, False, None) for _ in range(2))}
+    mods = {dim: tuple(HypernetworkModule(dim, list(HN_LAYERS), "relu", False, False, None) for _ in range(2))}
     for m in mods[dim]:  # A1111's "Normal" initialisation: a near-identity start
         for lin in m.linear:
             if isinstance(lin, torch.nn.Linear):
@@ -565,10 +572,10 @@ def train_hypernetwork(work, out, seed):
     for m in unet.attention_modules():
         m.kv_hook = hn
     ctx_of = _context_fn(te, vocab)
-    _fit_addon("hypernetwork", list(hn.parameters()), 1e-3, HN_STEPS, HN_BATCH, seed + 3, unet,
+    _fit_addon("hypernetwork", list(hn.parameters()), HN_LR, HN_STEPS, HN_BATCH, seed + 3, unet,
                mean, std, weight, lambda batch: ctx_of([caps[i] for i in batch]))
     file = {dim: [_cpu(m.state_dict()) for m in mods[dim]]}
-    file.update({"name": HYPERNETWORK_NAME, "layer_structure": [1, 2, 1], "activation_func": "relu",
+    file.update({"name": HYPERNETWORK_NAME, "layer_structure": list(HN_LAYERS), "activation_func": "relu",
                  "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False,
                  "activate_output": False, "last_layer_dropout": False, "step": HN_STEPS,
                  "sd_checkpoint": None, "sd_checkpoint_name": "shapes-model"})
@@ -577,20 +584,32 @@ def train_hypernetwork(work, out, seed):
     log(f"wrote {path}")
 
 
+def embedding_inputs(ids, word, vec, table):
+    """The text encoder's input embeddings [B, 77, dim] for local ids [B, 77] in which the word
+    stands len(vec) times in a row: its k-th copy gets vec[k], every other token its table row."""
+    hit = ids == word
+    k = (hit.cumsum(dim=1) - 1).clamp(min=0) % len(vec)  # which copy of the word
+    return torch.where(hit[..., None], vec[k], table[ids])
+
+
 def train_embedding(work, out, seed):
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
     te.to(DEVICE)
     unet.to(DEVICE)
-    mean, std, caps, weight = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled")
+    mean, std, caps, weight = unet_data(vae, EMB_IMAGES, seed + 11, split="novel", style="filled",
+                                        fg_weight=EMB_FG_WEIGHT)
+    # The pipeline puts EMB_VECTORS vectors where the word stands; so does training, by writing
+    # the word that many times and giving its k-th copy vector k.
+    caps = [c.replace(EMBEDDING_WORD, " ".join([EMBEDDING_WORD] * EMB_VECTORS)) for c in caps]
     word = vocab.local[vocab.tok.encode(EMBEDDING_WORD)[0]]
     table = te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone()
     colours = [vocab.local[vocab.tok.encode(c)[0]] for c in D.BASE_COLOURS]
-    vec = torch.nn.Parameter(table[colours].mean(0, keepdim=True).clone())  # [1, dim]
-    def context(batch):
-        ids = vocab.ids([caps[i] for i in batch]).to(DEVICE)
-        return te(inputs_embeds=torch.where((ids == word)[..., None], vec, table[ids]))
+    vec = torch.nn.Parameter(table[colours].mean(0, keepdim=True).repeat(EMB_VECTORS, 1))  # [n, dim]
 
-    _fit_addon("embedding", [vec], 5e-3, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, weight, context)
+    def context(batch):
+        return te(inputs_embeds=embedding_inputs(vocab.ids([caps[i] for i in batch]).to(DEVICE), word, vec, table))
+
+    _fit_addon("embedding", [vec], EMB_LR, EMB_STEPS, EMB_BATCH, seed + 5, unet, mean, std, weight, context)
     path = os.path.join(out, f"{EMBEDDING_WORD}.safetensors")
     save_file({"emb_params": vec.detach().cpu().clone()}, path)
     log(f"wrote {path}")
