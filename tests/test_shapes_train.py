@@ -241,3 +241,17 @@ def test_hypernetwork_stage_writes_its_layer_structure(quick_model, tmp_path, mo
     dim = T.TEXT_CONFIG["hidden_size"]
     assert saved["linear.0.weight"].shape == (3 * dim, dim)
     torch.testing.assert_close(hn.layers[str(dim)][0].linear[0].weight, saved["linear.0.weight"], rtol=0, atol=0)
+
+
+def test_step_time_times_a_training_step(capsys, monkeypatch):
+    """examples.shapes.step_time runs train.py's step and reports seconds per step; an unknown
+    mode is refused by name."""
+    from examples.shapes import step_time
+
+    monkeypatch.setattr(T, "UNET_BATCH", 4)
+    assert step_time.main(["--modes", "fp32", "--steps", "1"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fp32")][0]
+    assert float(line.split()[1]) > 0
+    with pytest.raises(SystemExit):
+        step_time.main(["--modes", "fp8"])
+    assert "fp8" in capsys.readouterr().err
