@@ -405,6 +405,14 @@ def build_text_unet(seed):
     return te, unet
 
 
+def trainable(te, unet, vocab):
+    """-> (table, params): the caption tokens' rows of the text encoder's embedding as their own
+    parameter (the full 49408-row table frozen), and everything the unet stage trains."""
+    table = torch.nn.Parameter(te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone())
+    te.text_model.embeddings.token_embedding.weight.requires_grad_(False)
+    return table, [table] + [p for p in te.parameters() if p.requires_grad] + list(unet.parameters())
+
+
 def train_unet(work, seed, eval_every=0, first_phase=0):
     """UNET_PHASES in order, each a fresh AdamW, EMA and cosine schedule; a phase after the
     first starts from the EMA weights the one before saved (unet_text.pt), as does a resumed
@@ -432,9 +440,7 @@ def train_unet(work, seed, eval_every=0, first_phase=0):
             unet.train().requires_grad_(True)
         te.to(DEVICE)
         unet.to(DEVICE)
-        table = torch.nn.Parameter(te.text_model.embeddings.token_embedding.weight[vocab.global_ids].clone())
-        te.text_model.embeddings.token_embedding.weight.requires_grad_(False)
-        params = [table] + [p for p in te.parameters() if p.requires_grad] + list(unet.parameters())
+        table, params = trainable(te, unet, vocab)
         torch.manual_seed(seed + 40 + phase)
         # training only: position (9 + none), then style (filled, outlined, none) if STYLE_PROBE
         probe = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(D.POSITIONS) + 1 + 3 * STYLE_PROBE).to(DEVICE)
