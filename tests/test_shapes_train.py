@@ -148,23 +148,44 @@ def test_latent_weight_covers_the_shapes_box(monkeypatch):
                        T.latent_weight(T._images(range(4), 0, "novel", "filled")[0], 2.0))
 
 
-@pytest.mark.parametrize("box", [False, True])
-def test_vae_shape_weight_covers_the_outline_inside_with_the_box(monkeypatch, box):
-    """The VAE's per-pixel weight is 1 + VAE_FG_WEIGHT on the shape's pixels, and with
-    VAE_FG_BOX on their whole bounding box (an outline's background-coloured inside too)."""
+@pytest.mark.parametrize("region", ["pixels", "box", "fill"])
+def test_vae_shape_weight_covers_the_outline_inside_with_the_box_or_fill(monkeypatch, region):
+    """The VAE's per-pixel weight is 1 + VAE_FG_WEIGHT on the shape's pixels; with VAE_FG_BOX on
+    their whole bounding box (an outline's background-coloured inside and the box's corners);
+    with VAE_FG_FILL on the pixels and the holes they enclose (an outline's inside, not a gap
+    open to the outside, not the corners)."""
     monkeypatch.setattr(T, "VAE_FG_WEIGHT", 5.0)
-    monkeypatch.setattr(T, "VAE_FG_BOX", box)
-    x = torch.full((2, 3, 64, 64), -0.5)  # background, in [-1, 1]
+    monkeypatch.setattr(T, "VAE_FG_BOX", region == "box")
+    monkeypatch.setattr(T, "VAE_FG_FILL", region == "fill")
+    x = torch.full((4, 3, 64, 64), -0.5)  # background, in [-1, 1]
     x[0, :, 10:21, 30:34] = 0.7  # a bar
     x[1, :, 40:60, 3:25] = 0.9  # an outline with the background inside
     x[1, :, 42:58, 5:23] = -0.5
+    x[2, :, 40:60, 3:25] = 0.9  # the same outline open on its right side: a "C"
+    x[2, :, 42:58, 5:25] = -0.5
+    for r in range(12):  # a triangle outline, 2 px strokes stepping 1 px a row, closed by a bar
+        x[3, :, 20 + r, 30 - r:32 + r] = 0.9
+        x[3, :, 20 + r, 32 - r:30 + r] = -0.5 if 2 <= r else 0.9
+    x[3, :, 32:34, 18:44] = 0.9
+    fg = (x > 0)[:, :1]
     w = T.shape_weight(x)
-    want = torch.ones(2, 1, 64, 64)
-    want[0, 0, 10:21, 30:34] = 6.0
-    want[1, 0, 40:60, 3:25] = 6.0
-    if not box:
-        want[1, 0, 42:58, 5:23] = 1.0
+    want = 1.0 + 5.0 * fg.float()
+    if region == "box":
+        for i in range(4):
+            want[i] = 1.0 + 5.0 * T._box(fg[i]).float()
+    elif region == "fill":
+        want[1, 0, 42:58, 5:23] = 6.0  # the enclosed inside; the "C"'s stays as it is
+        for r in range(2, 12):
+            want[3, 0, 20 + r, 32 - r:30 + r] = 6.0
     assert torch.equal(w, want)
+    if region == "fill":  # real pictures: a filled shape weighs as without fill; outlines gain
+        imgs, _, attrs = T._images(range(40), 0, "train", "mixed")
+        x = T.to_unit(imgs)
+        filled = T.shape_weight(x)
+        monkeypatch.setattr(T, "VAE_FG_FILL", False)
+        plain = T.shape_weight(x)
+        for f, p, a in zip(filled, plain, attrs):
+            assert torch.equal(f, p) if a["style"] == "filled" else (f > p).sum() >= 8
 
 
 def test_weighted_v_loss_is_normalised():
@@ -241,6 +262,49 @@ def test_hypernetwork_stage_writes_its_layer_structure(quick_model, tmp_path, mo
     dim = T.TEXT_CONFIG["hidden_size"]
     assert saved["linear.0.weight"].shape == (3 * dim, dim)
     torch.testing.assert_close(hn.layers[str(dim)][0].linear[0].weight, saved["linear.0.weight"], rtol=0, atol=0)
+
+
+def test_hypernetwork_stage_trains_on_some_empty_captions(quick_model, tmp_path, monkeypatch):
+    """HN_EMPTY_EVERY: the hypernetwork's training captions (outlined pictures, no style word)
+    are empty at every HN_EMPTY_EVERY-th picture, since the pipeline applies it to the
+    unconditional context too; the rest are the pictures' captions."""
+    assert T.empty_every(["a", "b", "c", "d", "e"], 2) == ["a", "", "c", "", "e"]
+    assert T.empty_every(["a", "b"], 0) == ["a", "b"]
+    for k, v in {"HN_EMPTY_EVERY": 3, "HN_STEPS": 1, "HN_IMAGES": 9, "HN_BATCH": 2}.items():
+        monkeypatch.setattr(T, k, v)
+    seen, fits = [], []
+    real = T._context_fn
+
+    def recording(te, vocab):
+        f = real(te, vocab)
+        return lambda caps: (seen.append(list(caps)), f(caps))[1]
+
+    monkeypatch.setattr(T, "_context_fn", recording)
+    monkeypatch.setattr(T, "_fit_addon", lambda *a: fits.append(a))
+    T.train_hypernetwork(str(quick_model.parent / "work"), str(tmp_path), 0)
+    fits[0][-1](list(range(9)))  # the context of every picture, in order
+    caps = seen[-1]
+    _, _, want, _ = T.unet_data(T.load_vae(str(quick_model.parent / "work")), 9, 7, style="outlined",
+                                mention_style=False)
+    assert caps == [("" if i % 3 == 2 else c) for i, c in enumerate(want)]
+    assert all(c and "outlined" not in c for i, c in enumerate(caps) if i % 3 != 2)
+
+
+def test_recipe_sets_the_constants_before_training(monkeypatch, tmp_path):
+    """--recipe NAME applies RECIPES[NAME] to the module's constants before any stage runs; the
+    default recipe is the constants as they stand; an unknown name is refused by the parser."""
+    assert T.RECIPES[T.DEFAULT_RECIPE] == {} or T.DEFAULT_RECIPE != "2h"
+    for k in {k for r in T.RECIPES.values() for k in r} | {"VAE_BATCH", "VAE_IMAGES", "UNET_BATCH", "UNET_IMAGES",
+                                                            "HN_BATCH", "HN_IMAGES", "EMB_BATCH", "EMB_IMAGES",
+                                                            "HN_STEPS", "EMB_STEPS", "DEVICE"}:
+        monkeypatch.setattr(T, k, getattr(T, k))  # restored after the test
+    seen = {}
+    monkeypatch.setattr(T, "train_vae", lambda work, seed, phase: seen.update(
+        {k: getattr(T, k) for k in T.RECIPES["1h"]}))
+    assert T.main(["--recipe", "1h", "--stages", "vae", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
+    assert seen == T.RECIPES["1h"] and seen["VAE_FG_FILL"] and seen["HN_EMPTY_EVERY"] == 5
+    with pytest.raises(SystemExit):
+        T.main(["--recipe", "3h", "--stages", "vae"])
 
 
 def test_step_time_times_a_training_step(capsys, monkeypatch):
