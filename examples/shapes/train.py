@@ -719,8 +719,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     g = globals()
     g.update(RECIPES[a.recipe])
-    if a.recipe != "2h" or a.quick:
-        log(f"recipe {a.recipe}")
+    log(f"recipe {a.recipe}")
     if a.quick:
         for k in ("VAE", "UNET", "HN", "EMB"):
             g[f"{k}_BATCH"], g[f"{k}_IMAGES"] = 4, 64
