@@ -307,6 +307,34 @@ def test_recipe_sets_the_constants_before_training(monkeypatch, tmp_path):
         T.main(["--recipe", "3h", "--stages", "vae"])
 
 
+@pytest.mark.parametrize("target, scores, trained", [
+    (None, [0.10], {0}),  # no target: VAE_PHASES alone, however poor
+    (0.95, [0.97], {0}),  # met by the fixed phases
+    (0.95, [0.50, 0.96], {0, 1}),  # met after one extra phase
+    (0.95, [0.50, 0.60, 0.70], {0, 1, 2}),  # never met: VAE_EXTRA_MAX extras, then on
+])
+def test_vae_extra_phases_run_while_reconstructions_miss_the_target(monkeypatch, tmp_path, capsys,
+                                                                    target, scores, trained):
+    for k, v in {"VAE_PHASES": ((2, 1e-3),), "VAE_EXTRA": (2, 5e-4), "VAE_EXTRA_MAX": 2,
+                 "VAE_TARGET": target, "VAE_BATCH": 2, "VAE_IMAGES": 8}.items():
+        monkeypatch.setattr(T, k, v)
+    it = iter(scores)  # one score at the end of each phase; StopIteration if more are asked for
+    monkeypatch.setattr(T, "vae_recon_score", lambda vae: {"all": next(it)})
+    monkeypatch.setattr(T, "normalise_latents", lambda vae, imgs: None)
+    T.train_vae(str(tmp_path), 0)
+    out = capsys.readouterr().out
+    assert {int(ln.split("vae phase ")[1].split()[0]) for ln in out.splitlines() if " rec " in ln} == trained, out
+    assert next(it, None) is None  # every scripted score was used
+    if target is not None and max(scores) < target:  # resuming after the last extra trains nothing
+        T.train_vae(str(tmp_path), 0, first_phase=3)
+        assert " rec " not in capsys.readouterr().out
+    elif target is not None:  # resuming past the fixed phases scores the saved VAE first
+        it = iter([0.40, 0.99])
+        T.train_vae(str(tmp_path), 0, first_phase=1)
+        assert [int(ln.split("vae phase ")[1].split()[0]) for ln in capsys.readouterr().out.splitlines()
+                if " step 0 rec " in ln] == [1]
+
+
 def test_step_time_times_a_training_step(capsys, monkeypatch):
     """examples.shapes.step_time runs train.py's step and reports seconds per step; an unknown
     mode is refused by name."""

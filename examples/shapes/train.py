@@ -76,6 +76,10 @@ VAE_PHASES, VAE_BATCH, VAE_IMAGES = ((2000, 1e-3), (3000, 5e-4)), 16, 16384  # (
 # Shape pixels (VAE_FG_BOX: their bounding box; VAE_FG_FILL: with the holes they enclose) count
 # 1 + VAE_FG_WEIGHT times in the VAE's loss.
 VAE_FG_WEIGHT, VAE_FG_BOX, VAE_FG_FILL, VAE_LOGVAR_INIT = 10.0, False, False, -10.0
+# After VAE_PHASES, up to VAE_EXTRA_MAX more phases of VAE_EXTRA (steps, peak lr) run while the
+# held-out reconstructions (vae_recon_score's "all") are below VAE_TARGET (None: no extra phases).
+# Some seeds' VAEs start slowly and end a fixed schedule far behind the others.
+VAE_TARGET, VAE_EXTRA, VAE_EXTRA_MAX = None, (1500, 5e-4), 2
 # UNet phases: (steps, peak lr, cosine length, position-loss weight). Phase 0 was stopped at
 # 3500 of its 4000-step schedule when the held-out position score had stayed at chance.
 UNET_PHASES, UNET_BATCH, UNET_IMAGES = ((3500, 1e-3, 4000, 0.0), (1200, 5e-4, 1200, 0.1), (800, 3e-4, 800, 0.1)), 128, 32768
@@ -104,7 +108,7 @@ RECIPES = {
     "1h": {
         "VAE_PHASES": ((3000, 1e-3),), "VAE_FG_FILL": True,
         "UNET_PHASES": ((2700, 1e-3, 2700, 0.1), (600, 3e-4, 600, 0.1)), "UNET_FG_WEIGHT": 4.0,
-        "MIXED_EVERY": 1, "STYLE_PROBE": True, "HN_EMPTY_EVERY": 5,
+        "MIXED_EVERY": 1, "STYLE_PROBE": True, "HN_EMPTY_EVERY": 5, "VAE_TARGET": 0.95,
     },
 }
 DEFAULT_RECIPE = "2h"
@@ -225,9 +229,16 @@ def vae_recon_score(vae, n=200, seed=5):
     return score(list(out), [e[2] for e in ev])
 
 
+def vae_phases():
+    """VAE_PHASES, then the VAE_EXTRA phases train_vae may add (it stops when VAE_TARGET is met)."""
+    extra = VAE_EXTRA_MAX if VAE_TARGET is not None else 0
+    return tuple(VAE_PHASES) + (tuple(VAE_EXTRA),) * extra
+
+
 def train_vae(work, seed, first_phase=0):
     """VAE_PHASES in order (each a fresh Adam and cosine schedule) on whole 64x64 pictures
-    (channels_last: ~20% faster convolutions on the CPU). The raw weights are kept after each
+    (channels_last: ~20% faster convolutions on the CPU), then extra phases while the held-out
+    reconstructions are below VAE_TARGET (vae_phases). The raw weights are kept after each
     phase (vae_raw.pt; `first_phase` resumes from it), then the latent statistics are folded in."""
     from fastdiff.models.vae import AutoencoderKL
 
@@ -241,9 +252,16 @@ def train_vae(work, seed, first_phase=0):
     if first_phase:
         vae.load_state_dict(torch.load(raw, weights_only=True))
     vae.to(DEVICE, memory_format=torch.channels_last)
-    for phase, (steps, lr) in enumerate(VAE_PHASES):
+    recon = None  # the held-out reconstruction score after the last phase trained here
+    for phase, (steps, lr) in enumerate(vae_phases()):
         if phase < first_phase:
             continue
+        if phase >= len(VAE_PHASES):
+            if recon is None:
+                recon = vae_recon_score(vae)["all"]
+            if recon >= VAE_TARGET:
+                break
+            log(f"vae: held-out reconstructions {recon:.2f} < {VAE_TARGET}: extra phase {phase}")
         opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
         g = torch.Generator().manual_seed(seed + 2 * phase)
         t0 = time.time()
@@ -267,6 +285,7 @@ def train_vae(work, seed, first_phase=0):
                 log(f"vae phase {phase} step {step} rec {rec.item():.5f} kl {kl.item():.2f} ({time.time() - t0:.0f}s)")
             if step % 1000 == 999 or step == steps - 1:
                 res = vae_recon_score(vae)
+                recon = res["all"]
                 log(f"vae phase {phase} step {step + 1}: held-out reconstructions "
                     + " ".join(f"{k} {v:.2f}" for k, v in res.items() if k != "n"))
         torch.save(_cpu(vae.state_dict()), raw)
@@ -726,6 +745,7 @@ def main(argv=None) -> int:
         g["HN_STEPS"] = g["EMB_STEPS"] = 2
         g["VAE_PHASES"] = ((2, 1e-3), (2, 5e-4))  # two phases each, so resuming is exercised too
         g["UNET_PHASES"] = ((2, 1e-3, 2, 0.0), (2, 5e-4, 2, 0.1))
+        g["VAE_EXTRA"] = (2, 5e-4)  # with VAE_TARGET set, an untrained VAE takes both extras
     global DEVICE
     DEVICE = torch.device(a.device)
     stages = a.stages.split(",")
