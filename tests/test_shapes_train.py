@@ -347,3 +347,14 @@ def test_step_time_times_a_training_step(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         step_time.main(["--modes", "fp8"])
     assert "fp8" in capsys.readouterr().err
+
+
+def test_quick_recipe_1h_runs_the_extra_vae_phases(tmp_path):
+    """Through the command line, with the real held-out score: an untrained VAE (--quick) is far
+    below recipe 1h's VAE_TARGET, so both extra phases run (2 and 3: --quick has two fixed ones)
+    and the stage still writes its VAE."""
+    r = subprocess.run([sys.executable, "-m", "examples.shapes.train", "--quick", "--recipe", "1h", "--stages", "vae",
+                        "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")],
+                       cwd=ROOT, timeout=600, capture_output=True, text=True, check=True)
+    assert "extra phase 2" in r.stdout and "extra phase 3" in r.stdout and "extra phase 4" not in r.stdout, r.stdout
+    assert (tmp_path / "w" / "vae.pt").exists()
