@@ -3,7 +3,7 @@ by what it draws: the shapes checker (examples/shapes/checker.py) reads backgrou
 shape, position and style off each generated picture and compares them with the prompt. This
 catches numerics that parity on random weights cannot (a kernel or sampler that is subtly off
 draws wrong colours, shapes or positions). Scores are over the held-out prompts (triples the
-model never saw), 20 steps, CFG 4 (examples/shapes/evaluate.py says why not 7), prompt i with
+model never saw), 20 steps, CFG 3 (examples/shapes/evaluate.py says why), prompt i with
 seed i, as `python -m examples.shapes.evaluate` computes them; examples/shapes/README.md has the
 numbers of the shipped weights."""
 from __future__ import annotations
@@ -150,7 +150,7 @@ def single_file_config(pipe) -> dict:
 def test_main_command_uses_the_shipped_model(tmp_path):
     """README's main command: no --model, a PNG the checker reads as what was asked."""
     r = subprocess.run([sys.executable, "-m", "fastdiff", "generate", "a red circle on a blue background, top left",
-                        "--cfg", "4", "--seed", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        "--cfg", "3", "--seed", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=os.environ | {"FASTDIFF_OPS": "torch"})
     assert r.returncode == 0, r.stderr
     pngs = sorted(tmp_path.glob("*.png"))
