@@ -30,11 +30,12 @@ TARGET = 0.90  # fully correct pictures, default sampler (the issue's bar)
 SLACK = 0.05  # every other sampler and op path stays within this of TARGET
 # Samplers scored on the karras schedule, A1111's usual pairing for them: on the "normal"
 # schedule at 20 steps they read worse on this model (the likely cause is that schedule's very
-# unequal log-sigma steps, which their multistep / SDE updates divide by). Shipped weights,
-# fully correct on "normal" at CFG 3: 0.01 (dpmpp_3m_sde), 0.87 (dpm_2_ancestral), 0.89
-# (dpmpp_2m_sde), 0.95 (lms), 0.97 (lcm); at CFG 4 0.00, 0.72, 0.38, 0.52, 0.81. On karras
-# they read 0.97-0.99 at CFG 3 (examples/shapes/README.md). Their updates match k-diffusion's
-# in tests/test_sampling.py.
+# unequal log-sigma steps, which their multistep / SDE updates divide by). Shipped weights
+# (recipe 1h, seed 4), fully correct on "normal" at CFG 3: 0.00 (dpmpp_3m_sde), 0.85
+# (dpm_2_ancestral), 0.82 (dpmpp_2m_sde), 0.90 (lms), 0.94 (lcm); on karras 0.89 / 0.96 /
+# 0.93 / 0.95 / 0.95 (examples/shapes/runs/2026-12-03-recipe-1h-seed4-scores.json; the 2h
+# weights shipped before them read alike: 0.01-0.97 on "normal", 0.97-0.99 on karras). Their
+# updates match k-diffusion's in tests/test_sampling.py.
 KARRAS = ("dpm_2_ancestral", "lms", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm")
 
 

@@ -293,7 +293,7 @@ def test_hypernetwork_stage_trains_on_some_empty_captions(quick_model, tmp_path,
 def test_recipe_sets_the_constants_before_training(monkeypatch, tmp_path):
     """--recipe NAME applies RECIPES[NAME] to the module's constants before any stage runs; the
     default recipe is the constants as they stand; an unknown name is refused by the parser."""
-    assert T.DEFAULT_RECIPE == "2h" and T.RECIPES["2h"] == {}  # the shipped weights' recipe
+    assert T.DEFAULT_RECIPE == "2h" and T.RECIPES["2h"] == {}  # the constants as they stand
     for k in {k for r in T.RECIPES.values() for k in r} | {"VAE_BATCH", "VAE_IMAGES", "UNET_BATCH", "UNET_IMAGES",
                                                             "HN_BATCH", "HN_IMAGES", "EMB_BATCH", "EMB_IMAGES",
                                                             "HN_STEPS", "EMB_STEPS", "DEVICE"}:
