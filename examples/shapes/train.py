@@ -24,8 +24,8 @@ CPU (`--device cuda` moves the models and batches, not the random draws; run onc
 seeded (bitwise run-to-run reproducibility has not been checked). The folder is written
 in diffusers layout with fp16 safetensors (15 MB), the hypernetwork as A1111's .pt and the
 embedding as A1111's .safetensors. `python -m examples.shapes.evaluate` scores the result;
-examples/shapes/README.md has the scores of every full run. The shipped weights are
-`--recipe 1h --seed 4` (2026-12-03, 111 min on a slow 2-core machine; 46-55 min on a faster one).
+examples/shapes/README.md has the scores and times of every full run. The shipped weights are
+`--recipe 1h --seed 4`.
 """
 from __future__ import annotations
 
