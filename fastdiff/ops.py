@@ -20,6 +20,7 @@ Shapes:
 - ``group_norm(x, num_groups, weight, bias, eps, silu=False)``: x [B, C, *spatial].
 - ``layer_norm(x, weight, bias, eps)``: normalises the last dim.
 - ``geglu(x)``: x [..., 2d] -> hidden * gelu(gate) [..., d], ``hidden, gate = x.chunk(2, -1)``.
+- ``linear_rows(x, weight, bias)``: x [B, in] -> [B, out], each row's value independent of B.
 - ``lincomb(coeffs, tensors, out=None)``: sum of c_i * t_i over up to 4 (+1 noise) same-shaped
   tensors; coeffs are floats or a 1-D float32 device tensor (CUDA-graph friendly).
 """
@@ -166,6 +167,21 @@ def geglu(x):
             return kern.geglu(x)
         _fallback("geglu", why)
     return geglu_ref(x)
+
+
+def linear_rows(x, weight, bias=None):
+    """F.linear for a few rows (the time embedding, [B, in] -> [B, out]) whose values must not
+    depend on B: CPU GEMM libraries pick a different kernel, and so a different summation order,
+    for each small row count, so an image's result would depend on what else shares its batch.
+    On the CPU each row is its own 1-row product of one batched call; CUDA uses F.linear (its
+    batch invariance is within fp16 tolerance, and M = B rows is noise next to the UNet)."""
+    if x.is_cuda or x.ndim != 2:
+        return F.linear(x, weight, bias)
+    B = x.shape[0]
+    wt = weight.t().expand(B, *weight.t().shape)  # [B, in, out], no copy
+    if bias is None:
+        return torch.bmm(x.unsqueeze(1), wt).squeeze(1)
+    return torch.baddbmm(bias.expand(B, 1, bias.shape[0]), x.unsqueeze(1), wt).squeeze(1)
 
 
 def lincomb(coeffs, tensors, out=None):

@@ -130,6 +130,14 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class RowLinear(nn.Linear):
+    """nn.Linear for the time embedding's [B, C] rows, through ops.linear_rows: a row's value
+    does not depend on what else is in its batch."""
+
+    def forward(self, x):  # [B, in] -> [B, out]
+        return ops.linear_rows(x, self.weight, self.bias)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice with the time embedding added in between (diffusers' pre_norm)."""
 
@@ -138,7 +146,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_ch, eps, silu=True)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch is not None else None
+        self.time_emb_proj = RowLinear(temb_ch, out_ch) if temb_ch is not None else None
         self.norm2 = GroupNorm(groups, out_ch, eps, silu=True)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -415,8 +423,8 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float =
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = RowLinear(in_dim, dim)
+        self.linear_2 = RowLinear(dim, dim)
 
     def forward(self, x):  # [B, in_dim] -> [B, dim]
         return self.linear_2(F.silu(self.linear_1(x)))
