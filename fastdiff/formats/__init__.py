@@ -40,6 +40,12 @@ def open_model(path: str, config: dict | None = None) -> ModelSource:
 def open_vae(path: str, config: dict | None = None) -> Component:
     """A standalone VAE (.safetensors/.pt/.ckpt with LDM or diffusers keys, or a diffusers vae/
     folder) as a Component to pass to ModelSource.with_vae or load_into."""
+    import os
+
+    if os.path.isdir(path):
+        from .diffusers_folder import open_component_folder
+
+        return open_component_folder(path, "vae", config)
     from .ldm import open_vae as _open_vae
 
     return _open_vae(path, config)

@@ -8,8 +8,8 @@ import os
 import re
 from collections import defaultdict
 
+from .common import CLIP_PAD, SD_SCHEDULER, VAE_ATTN_LEAVES
 from .files import FormatError, TensorFile
-from .ldm import CLIP_PAD, SD_SCHEDULER, _VAE_ATTN_LEAVES
 from .source import Component, LazyTensor, ModelSource, _squeeze_1x1
 
 _WEIGHTS = {
@@ -59,8 +59,8 @@ def _rename(kind: str, key: str) -> str | None:
         return None if key == "text_model.embeddings.position_ids" else key
     if kind == "vae":
         m = re.fullmatch(r"(.*\.attentions\.0\.)(\w+)\.(weight|bias)", key)
-        if m and m.group(2) in _VAE_ATTN_LEAVES and m.group(2) != "norm":
-            return f"{m.group(1)}{_VAE_ATTN_LEAVES[m.group(2)]}.{m.group(3)}"
+        if m and m.group(2) in VAE_ATTN_LEAVES and m.group(2) != "norm":
+            return f"{m.group(1)}{VAE_ATTN_LEAVES[m.group(2)]}.{m.group(3)}"
     return key
 
 

@@ -38,6 +38,7 @@ import os
 import re
 from collections import defaultdict
 
+from .common import CLIP_PAD, SD_SCHEDULER, VAE_ATTN_LEAVES
 from .files import FormatError, TensorFile
 from .source import Component, LazyTensor, ModelSource, _squeeze_1x1
 
@@ -55,22 +56,6 @@ _FOREIGN = (
     ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint"),
     ("model.diffusion_model.double_blocks.", "a Flux checkpoint"),
 )
-
-SD_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "skip_prk_steps": True,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
-
-CLIP_PAD = {"sd1": 49407, "sd2": 0}  # SD 1.x pads with <|endoftext|>, SD 2.x (OpenCLIP) with "!"
 
 
 # ---------------------------------------------------------------------------------------- UNet
@@ -227,10 +212,6 @@ def _rename(key: str, table: dict[str, tuple[str, dict | None]]) -> str | None:
 
 # ----------------------------------------------------------------------------------------- VAE
 
-_VAE_ATTN_LEAVES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
-                    # diffusers < 0.14 names, still found in standalone diffusers-keyed VAE files
-                    "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
 
 def ldm_vae_to_diffusers(key: str, num_levels: int) -> str | None:
     """One LDM VAE key (no first_stage_model. prefix) -> diffusers AutoencoderKL key."""
@@ -257,7 +238,7 @@ def ldm_vae_to_diffusers(key: str, num_levels: int) -> str | None:
         leaf = r.group(2).replace("nin_shortcut", "conv_shortcut")
         return f"{side}.mid_block.resnets.{int(r.group(1)) - 1}.{leaf}"
     if (r := re.fullmatch(r"mid\.attn_1\.(\w+)\.(weight|bias)", rest)):
-        leaf = _VAE_ATTN_LEAVES.get(r.group(1))
+        leaf = VAE_ATTN_LEAVES.get(r.group(1))
         return f"{side}.mid_block.attentions.0.{leaf}.{r.group(2)}" if leaf else None
     return None
 
@@ -277,8 +258,8 @@ def vae_component(tf: TensorFile, prefix: str, keys: list[str], *, ldm: bool, or
         for k in keys:
             new = k[len(prefix):]
             m = re.fullmatch(r"(.*\.attentions\.0\.)(\w+)\.(weight|bias)", new)
-            if m and m.group(2) in _VAE_ATTN_LEAVES:
-                new = f"{m.group(1)}{_VAE_ATTN_LEAVES[m.group(2)]}.{m.group(3)}"
+            if m and m.group(2) in VAE_ATTN_LEAVES:
+                new = f"{m.group(1)}{VAE_ATTN_LEAVES[m.group(2)]}.{m.group(3)}"
             lt = LazyTensor(tf, k)
             tensors[new] = _squeeze_1x1(lt) if ".attentions." in new else lt
     return Component("vae", infer_vae_config({k: v.shape for k, v in tensors.items()}, origin), tensors, origin)
@@ -538,10 +519,6 @@ def _dtype_counts(tf: TensorFile) -> dict[str, int]:
 def open_vae(path: str, config: dict | None = None) -> Component:
     """A standalone VAE file: LDM keys (encoder.down.N..., optionally under first_stage_model.)
     or diffusers keys (encoder.down_blocks.N...). `config` updates the inferred VAE config."""
-    if os.path.isdir(path):
-        from .diffusers_folder import open_component_folder
-
-        return open_component_folder(path, "vae", config)
     tf = TensorFile(path)
     keys = [k for k in tf.keys() if not k.startswith(("model_ema.", "loss."))]
     prefix = ""
