@@ -26,7 +26,10 @@ from fastdiff import ops
 
 @dataclass
 class UNetConfig:
-    """The diffusers UNet2DConditionModel config keys SD 1.x/2.x use, with diffusers' defaults."""
+    """The diffusers UNet2DConditionModel config keys SD 1.x/2.x use, with diffusers' defaults.
+
+    ``upcast_attention`` (SD 2.1-v) is accepted and needs nothing: ops.attention always
+    computes QK^T and the softmax in fp32."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -50,7 +53,6 @@ class UNetConfig:
     attention_head_dim: int | tuple = 8
     num_attention_heads: int | tuple | None = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     sample_size: int | None = None  # latent size the model was trained at (64 for SD 1.5)
@@ -201,12 +203,10 @@ class Attention(nn.Module):
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 bias: bool = False, upcast: bool = False):
+                 bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
-        # diffusers' upcast_attention computes QK^T and softmax in fp32; ops.attention always does.
-        self.upcast = upcast
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -260,12 +260,12 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, upcast: bool):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim_head)
         self.norm2 = LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, dim_head, context_dim, upcast=upcast)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim)
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -279,7 +279,7 @@ class Transformer2DModel(nn.Module):
     """[B, C, H, W] -> tokens [B, HW, C] -> transformer blocks -> back, plus the residual."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, layers: int,
-                 linear_proj: bool, upcast: bool):
+                 linear_proj: bool):
         super().__init__()
         dim_head = channels // heads
         inner = heads * dim_head
@@ -290,7 +290,7 @@ class Transformer2DModel(nn.Module):
         else:  # SD 1.x
             self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(layers)]
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(layers)]
         )
         if linear_proj:
             self.proj_out = nn.Linear(inner, channels)
@@ -328,11 +328,10 @@ class _BlockArgs:
     context_dim: int
     transformer_layers: int
     linear_proj: bool
-    upcast: bool
 
     def transformer(self, channels: int) -> Transformer2DModel:
         return Transformer2DModel(channels, self.heads, self.context_dim, self.groups,
-                                  self.transformer_layers, self.linear_proj, self.upcast)
+                                  self.transformer_layers, self.linear_proj)
 
 
 class DownBlock(nn.Module):
@@ -449,7 +448,7 @@ class UNet2DCondition(nn.Module):
 
         def args(i):
             return _BlockArgs(temb_ch, cfg.norm_num_groups, cfg.norm_eps, heads[i], context_dim[i],
-                              tlayers[i], cfg.use_linear_projection, cfg.upcast_attention)
+                              tlayers[i], cfg.use_linear_projection)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, boc[0], cfg.conv_in_kernel,
                                  padding=(cfg.conv_in_kernel - 1) // 2)
@@ -477,7 +476,7 @@ class UNet2DCondition(nn.Module):
             prev_out, out_ch = out_ch, rboc[i]
             in_ch = rboc[min(i + 1, n - 1)]
             a = _BlockArgs(temb_ch, cfg.norm_num_groups, cfg.norm_eps, rheads[i], rctx[i], rtl[i],
-                           cfg.use_linear_projection, cfg.upcast_attention)
+                           cfg.use_linear_projection)
             self.up_blocks.append(UpBlock(
                 in_ch, prev_out, out_ch, rlayers[i] + 1, kind == "CrossAttnUpBlock2D", i < n - 1, a))
 

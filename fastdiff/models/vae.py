@@ -33,7 +33,6 @@ class VAEConfig:
     sample_size: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    force_upcast: bool = True  # the pipeline's business: decode in fp32 where fp16 overflows
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
