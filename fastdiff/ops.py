@@ -1,16 +1,30 @@
 """The op table: the only place in fastdiff that knows Triton kernels exist.
 
-Each op has a torch reference (used on CPU and as the fallback) and, where one exists, a Triton
-kernel (used on CUDA). ``FASTDIFF_OPS`` forces a path for testing:
+Each op has a torch implementation (``*_torch``: used on CPU and as the fallback) and, where
+``KERNELS`` names one, a Triton kernel module (used on CUDA) whose fp64 oracle ``*_ref`` sits
+beside it. ``FASTDIFF_OPS`` forces a path for testing:
 
-- ``auto`` (default): Triton on CUDA tensors, the torch reference elsewhere.
-- ``torch``: always the reference.
+- ``auto`` (default): Triton on CUDA tensors, torch elsewhere.
+- ``torch``: always torch.
 - ``triton``: always the kernel; on CPU tensors this needs ``TRITON_INTERPRET=1`` set before
   the kernels are imported.
 
-When a kernel cannot take an input (dtype, device, shape) the op falls back to the reference
-and logs the reason at DEBUG level on the ``fastdiff.ops`` logger; it never returns a silently
-wrong answer.
+When a kernel cannot take an input (dtype, device, shape) the op falls back to torch and logs
+the reason at DEBUG level on the ``fastdiff.ops`` logger; it never returns a silently wrong
+answer.
+
+The table (``KERNELS``):
+
+    op           Triton kernel module                 torch
+    attention    fastdiff.triton_kernels.attention    attention_torch
+    group_norm   fastdiff.triton_kernels.group_norm   group_norm_torch
+    layer_norm   fastdiff.triton_kernels.layer_norm   layer_norm_torch
+    geglu        fastdiff.triton_kernels.geglu        geglu_torch
+    lincomb      fastdiff.triton_kernels.lincomb      lincomb_torch
+    linear_rows  none (a torch op on every device)
+
+Each kernel module provides ``unsupported(*args) -> reason | None``, the kernel entry point
+named as the op, ``INTERPRET`` and the oracle ``<op>_ref``.
 
 Shapes:
 - ``attention(q, k, v, scale=None, out=None)``: q [B, H, Lq, D], k and v [B, H, Lk, D], any strides
@@ -46,29 +60,40 @@ def mode() -> str:
     return m
 
 
+# Op name -> the Triton kernel module that implements it (the repository's triton_kernels/,
+# installed as fastdiff.triton_kernels).
+KERNELS = {
+    "attention": "fastdiff.triton_kernels.attention",
+    "group_norm": "fastdiff.triton_kernels.group_norm",
+    "layer_norm": "fastdiff.triton_kernels.layer_norm",
+    "geglu": "fastdiff.triton_kernels.geglu",
+    "lincomb": "fastdiff.triton_kernels.lincomb",
+}
+
+
 # ---------------------------------------------------------------------------------------------
-# torch references
+# torch implementations
 
 
-def attention_ref(q, k, v, scale=None):
+def attention_torch(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def group_norm_ref(x, num_groups, weight, bias, eps=1e-5, silu=False):
+def group_norm_torch(x, num_groups, weight, bias, eps=1e-5, silu=False):
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
-def layer_norm_ref(x, weight, bias, eps=1e-5):
+def layer_norm_torch(x, weight, bias, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def geglu_ref(x):
+def geglu_torch(x):
     hidden, gate = x.chunk(2, dim=-1)
     return hidden * F.gelu(gate)
 
 
-def lincomb_ref(coeffs, tensors):
+def lincomb_torch(coeffs, tensors):
     out = tensors[0] * coeffs[0]
     for c, t in zip(coeffs[1:], tensors[1:]):
         out = out + t * c
@@ -78,15 +103,13 @@ def lincomb_ref(coeffs, tensors):
 # ---------------------------------------------------------------------------------------------
 # dispatch
 
-_KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "lincomb")
-
 
 def _fallback(op: str, why: str) -> None:
-    log.debug("%s: using the torch reference, not the Triton kernel: %s", op, why)
+    log.debug("%s: using torch, not the Triton kernel: %s", op, why)
 
 
 def _kernel(op: str, *tensors):
-    """The kernel module to run ``op`` on these tensors, or None for the torch reference."""
+    """The kernel module to run ``op`` on these tensors, or None for the torch implementation."""
     m = mode()
     if m == "torch":
         return None
@@ -105,7 +128,7 @@ def _kernel(op: str, *tensors):
             f"before fastdiff's kernels are first imported ({op})"
         )
     try:
-        mod = importlib.import_module(f"fastdiff.triton_kernels.{op}")
+        mod = importlib.import_module(KERNELS[op])
     except Exception as e:  # no triton, or a triton that cannot build this kernel
         if m == "triton":
             raise RuntimeError(f"FASTDIFF_OPS=triton but the {op} kernel cannot be imported: {e}") from e
@@ -129,11 +152,11 @@ def attention(q, k, v, scale=None, out=None):
         if why is None:
             return kern.attention(q, k, v, scale, out=out)
         _fallback("attention", why)
-    ref = attention_ref(q, k, v, scale)
+    y = attention_torch(q, k, v, scale)
     if out is None:
-        return ref
+        return y
     o = out.transpose(1, 2)
-    o.copy_(ref)
+    o.copy_(y)
     return o
 
 
@@ -144,7 +167,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
         if why is None:
             return kern.group_norm(x, num_groups, weight, bias, eps, silu)
         _fallback("group_norm", why)
-    return group_norm_ref(x, num_groups, weight, bias, eps, silu)
+    return group_norm_torch(x, num_groups, weight, bias, eps, silu)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -154,7 +177,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
         if why is None:
             return kern.layer_norm(x, weight, bias, eps)
         _fallback("layer_norm", why)
-    return layer_norm_ref(x, weight, bias, eps)
+    return layer_norm_torch(x, weight, bias, eps)
 
 
 def geglu(x):
@@ -166,7 +189,7 @@ def geglu(x):
         if why is None:
             return kern.geglu(x)
         _fallback("geglu", why)
-    return geglu_ref(x)
+    return geglu_torch(x)
 
 
 def linear_rows(x, weight, bias=None):
@@ -198,7 +221,7 @@ def lincomb(coeffs, tensors, out=None):
         if why is None:
             return kern.lincomb(coeffs, tensors, out=out)
         _fallback("lincomb", why)
-    ref = lincomb_ref(coeffs, tensors)
+    y = lincomb_torch(coeffs, tensors)
     if out is None:
-        return ref
-    return out.copy_(ref)
+        return y
+    return out.copy_(y)
