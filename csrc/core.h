@@ -14,8 +14,23 @@ namespace py = pybind11;
 
 // ---- schedules (schedules.cpp) -------------------------------------------------------------
 
+// A training schedule as diffusers' scheduler configs give it: cumprod(1 - beta) of `n` betas
+// ("scaled_linear": linear in sqrt(beta); "linear"), or of `trained_betas` when not empty.
+std::vector<double> alphas_cumprod(const std::string& beta_schedule, double beta_start, double beta_end, int n,
+                                   const std::vector<double>& trained_betas);
+
 // SD's training schedule: scaled_linear betas 0.00085 -> 0.012 over 1000 steps, cumulative product.
 std::vector<double> default_alphas_cumprod();
+
+// A model's discrete training sigmas and the log-linear map between sigma and timestep that the
+// denoiser uses to feed the UNet its (fractional) timestep.
+struct ModelSchedule {
+    explicit ModelSchedule(const std::vector<double>& alphas_cumprod);
+    double sigma_to_t(double sigma) const;
+    double t_to_sigma(double t) const;
+    std::vector<double> sigmas;      // increasing with t
+    std::vector<double> log_sigmas;
+};
 
 // sigma_i = sqrt((1 - a_i) / a_i), increasing with the training timestep i.
 std::vector<double> model_sigmas(const std::vector<double>& alphas_cumprod);

@@ -65,6 +65,16 @@ PYBIND11_MODULE(_core, m) {
           py::arg("sigma_min"), py::arg("sigma_max"), py::arg("rho"),
           "steps + 1 sigmas (floats); sigma_min/sigma_max <= 0 mean the model's.");
     m.def("default_alphas_cumprod", &default_alphas_cumprod);
+    m.def("alphas_cumprod", &alphas_cumprod, py::arg("beta_schedule"), py::arg("beta_start"), py::arg("beta_end"),
+          py::arg("n"), py::arg("trained_betas"),
+          "cumprod(1 - beta) for a diffusers beta schedule, or of trained_betas when not empty.");
+    py::class_<ModelSchedule>(m, "ModelSchedule", "A model's training sigmas and the sigma <-> timestep map.")
+        .def(py::init<const std::vector<double>&>(), py::arg("alphas_cumprod"))
+        .def("sigma_to_t", &ModelSchedule::sigma_to_t, py::arg("sigma"))
+        .def("t_to_sigma", &ModelSchedule::t_to_sigma, py::arg("t"))
+        .def_property_readonly("sigma_min", [](const ModelSchedule& s) { return s.sigmas.front(); })
+        .def_property_readonly("sigma_max", [](const ModelSchedule& s) { return s.sigmas.back(); })
+        .def_readonly("sigmas", &ModelSchedule::sigmas);
     m.def("model_sigmas", &model_sigmas, py::arg("alphas_cumprod"));
     m.def("beta_ppf", &beta_ppf, py::arg("q"), py::arg("a"), py::arg("b"));
     m.def("lms_coeff", &lms_coeff, py::arg("order"), py::arg("t"), py::arg("i"), py::arg("j"));

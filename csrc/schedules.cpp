@@ -92,17 +92,41 @@ std::string join_names(const std::vector<std::string>& names) {
 
 const std::vector<std::string>& schedule_names() { return kSchedules; }
 
-std::vector<double> default_alphas_cumprod() {
-    const int n = 1000;
-    const std::vector<double> root = linspace(std::sqrt(0.00085), std::sqrt(0.012), n);
-    std::vector<double> out(n);
+std::vector<double> alphas_cumprod(const std::string& beta_schedule, double beta_start, double beta_end, int n,
+                                   const std::vector<double>& trained_betas) {
+    std::vector<double> betas;
+    if (!trained_betas.empty()) {
+        betas = trained_betas;
+    } else if (n < 2) {
+        bad("num_train_timesteps must be at least 2, got " + std::to_string(n));
+    } else if (beta_schedule == "scaled_linear") {  // linear in sqrt(beta)
+        betas = linspace(std::sqrt(beta_start), std::sqrt(beta_end), n);
+        for (double& b : betas) b *= b;
+    } else if (beta_schedule == "linear") {
+        betas = linspace(beta_start, beta_end, n);
+    } else {
+        bad("beta_schedule '" + beta_schedule + "' is not supported (scaled_linear, linear)");
+    }
+    std::vector<double> out(betas.size());
     double prod = 1.0;
-    for (int i = 0; i < n; ++i) {
-        prod *= 1.0 - root[i] * root[i];
+    for (size_t i = 0; i < betas.size(); ++i) {
+        if (!(betas[i] > 0.0 && betas[i] < 1.0)) bad("betas must lie strictly between 0 and 1");
+        prod *= 1.0 - betas[i];
         out[i] = prod;
     }
     return out;
 }
+
+std::vector<double> default_alphas_cumprod() { return alphas_cumprod("scaled_linear", 0.00085, 0.012, 1000, {}); }
+
+ModelSchedule::ModelSchedule(const std::vector<double>& ac) : sigmas(model_sigmas(ac)) {
+    log_sigmas.reserve(sigmas.size());
+    for (double s : sigmas) log_sigmas.push_back(std::log(s));
+}
+
+double ModelSchedule::sigma_to_t(double sigma) const { return t_at(log_sigmas, sigma); }
+
+double ModelSchedule::t_to_sigma(double t) const { return sigma_at(log_sigmas, t); }
 
 std::vector<double> model_sigmas(const std::vector<double>& ac) {
     if (ac.size() < 2) bad("alphas_cumprod needs at least 2 entries");

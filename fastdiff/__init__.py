@@ -10,8 +10,12 @@ __all__ = ["load", "generate", "Pipeline", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("load", "generate", "Pipeline"):
-        from fastdiff import pipeline
+    if name in ("load", "generate"):
+        from fastdiff import loader
 
-        return getattr(pipeline, name)
+        return getattr(loader, name)
+    if name == "Pipeline":
+        from fastdiff.pipeline import Pipeline
+
+        return Pipeline
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

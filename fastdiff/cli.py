@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_generate(args) -> int:
     import os
 
-    from fastdiff.pipeline import generate
+    from fastdiff.loader import generate
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is not a folder")

@@ -1,94 +1,184 @@
-"""The model as a k-diffusion denoiser: `denoise(x, sigma) -> x0` around an epsilon- or
-v-predicting UNet trained on discrete DDPM timesteps (k-diffusion's CompVisDenoiser and
-CompVisVDenoiser, sigma_data = 1).
+"""The model as a k-diffusion denoiser, `D(x, sigma) -> x0`, evaluated for many images at once.
 
-Everything that depends on sigma alone is computed on the host in float64 from a Python float,
-so the loop never waits on the device.
+An epsilon- or v-predicting UNet trained on discrete DDPM timesteps becomes a denoiser as in
+k-diffusion's CompVisDenoiser / CompVisVDenoiser (sigma_data = 1):
+
+    x0 = c_skip(sigma) * x + c_out(sigma) * UNet(c_in(sigma) * x, t(sigma), context)
+
+Classifier-free guidance is decided here and nowhere else: an image with guidance g != 1 gives
+two UNet rows (its negative context, then its prompt's), folded back into one x0 by a single
+`lincomb` over (x, uncond, cond); with g == 1 it gives one row and no uncond is computed.
+
+`BatchDenoiser` evaluates the pending (x, sigma) of a group of images — each with its own sigma,
+guidance scale, contexts and extra channels — in one UNet call. Eager and CUDA-graph execution
+share it: the rows are assembled the same way, then either the UNet runs on them or they are
+copied into a captured graph's static buffers and the graph replays (fastdiff/graphs.py).
+Everything that depends on sigma alone is computed on the host in float64 from Python floats.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from fastdiff import ops
+from fastdiff._core import ModelSchedule
 
-def scaled_linear_alphas_cumprod(beta_start=0.00085, beta_end=0.012, steps=1000) -> np.ndarray:
-    """SD's training schedule: betas linear in sqrt space."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
+__all__ = ["ModelSchedule", "Conditioning", "BatchDenoiser", "output_coefficients", "KVHook"]
 
 
-class DiscreteSigmas:
-    """The model's 1000 training sigmas and the log-linear map between sigma and timestep."""
+def output_coefficients(prediction_type: str, sigma: float, g: float, cfg: bool) -> list[float]:
+    """x0 = c_skip * x + c_out * (uncond + g (cond - uncond)) as lincomb coefficients over
+    (x, uncond, cond), or over (x, cond) without guidance."""
+    if prediction_type == "epsilon":
+        c_skip, c_out = 1.0, -sigma
+    elif prediction_type == "v_prediction":
+        c_skip = 1.0 / (sigma * sigma + 1.0)
+        c_out = -sigma / math.sqrt(sigma * sigma + 1.0)
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if not cfg:
+        return [c_skip, c_out]
+    return [c_skip, c_out * (1.0 - g), c_out * g]
 
-    def __init__(self, alphas_cumprod):
-        ac = np.asarray(alphas_cumprod, dtype=np.float64)
-        self.alphas_cumprod = ac
-        self.sigmas = np.sqrt((1.0 - ac) / ac)  # increasing with t
-        self.log_sigmas = np.log(self.sigmas)
+
+@dataclass(eq=False)
+class Conditioning:
+    """What one image's model evaluations are conditioned on, fixed when its call starts.
+
+    cond / uncond: [1, L, dim] contexts in the model dtype (uncond None when guidance is 1);
+    extra: [1, E, h, w] channels concatenated after x (inpainting UNets) or None;
+    hypernetworks: ((module, strength), ...) applied to every attention's context."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance: float
+    extra: torch.Tensor | None = None
+    hypernetworks: tuple = ()
+    key: tuple = field(init=False)
+
+    def __post_init__(self):
+        if (self.uncond is None) != (self.guidance == 1.0):
+            raise ValueError("an uncond context is needed exactly when guidance != 1")
+        if self.uncond is not None and self.uncond.shape != self.cond.shape:
+            raise ValueError(f"cond {list(self.cond.shape)} and uncond {list(self.uncond.shape)} contexts differ in shape")
+        # Images share a UNet call only when their rows stack (context length, extra channels)
+        # and the same hypernetworks at the same strengths apply to every row.
+        self.key = (tuple(self.cond.shape[1:]), 0 if self.extra is None else self.extra.shape[1],
+                    tuple((id(h), float(s)) for h, s in self.hypernetworks))
 
     @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+    def cfg(self) -> bool:
+        return self.uncond is not None
 
     @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+    def rows(self) -> int:
+        return 2 if self.cfg else 1
 
-    def sigma_to_t(self, sigma: float) -> float:
-        # Interpolate t linearly in log sigma between the two neighbouring training sigmas.
-        ls = math.log(max(sigma, 1e-10))
-        ls_all = self.log_sigmas
-        low = int(np.searchsorted(ls_all, ls, side="right")) - 1
-        low = min(max(low, 0), len(ls_all) - 2)
-        lo, hi = ls_all[low], ls_all[low + 1]
-        w = min(max((lo - ls) / (lo - hi), 0.0), 1.0)
-        return (1.0 - w) * low + w * (low + 1)
+    def contexts(self) -> list[torch.Tensor]:
+        return [self.uncond, self.cond] if self.cfg else [self.cond]
 
 
-class Denoiser:
-    """`denoise(x, sigma) -> x0` with classifier-free guidance folded into one fused update.
+class KVHook:
+    """A stack of hypernetworks as an attention `kv_hook`: ctx -> (ctx_k, ctx_v), each applied at
+    its own strength (a float, or a 0-dim device tensor read inside a CUDA graph). The strengths
+    belong to the hook, not to the modules, so a call's strengths cannot change under it."""
 
-    cond/uncond contexts are [B, L, dim]; with guidance_scale == 1 the uncond half is skipped.
-    The final combination x0 = c_skip*x + c_out*(uncond + g*(cond - uncond)) is a single
-    `lincomb` over (x, uncond_out, cond_out).
-    """
+    def __init__(self, pairs):
+        self.pairs = list(pairs)
 
-    def __init__(self, unet, schedule: DiscreteSigmas, prediction_type: str, cond, uncond,
-                 guidance_scale: float, lincomb, model_dtype=None, extra_channels=None):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    def __call__(self, ctx: torch.Tensor):
+        k = v = ctx
+        for hn, s in self.pairs:
+            if isinstance(s, float) and s == 0.0:
+                continue
+            k, v = apply_hypernetwork(hn, k, v, s)
+        return k, v
+
+
+def apply_hypernetwork(hn, ctx_k, ctx_v, strength):
+    """One hypernetwork's residual MLPs on (ctx_k, ctx_v) at `strength`; the identity for a
+    context width it has no modules for."""
+    width = str(ctx_k.shape[-1])
+    if width not in hn.layers:
+        return ctx_k, ctx_v
+    mk, mv = hn.layers[width]
+    return mk(ctx_k, strength), mv(ctx_v, strength)
+
+
+def set_kv_hook(unet, hook) -> None:
+    for m in unet.attention_modules():
+        m.kv_hook = hook
+
+
+class BatchDenoiser:
+    """Evaluates D(x_i, sigma_i) for a group of images whose Conditioning keys are equal.
+
+    `min_rows`: the CPU's oneDNN convolutions round a 1-row batch differently from a larger
+    one, so a lone row is evaluated twice over; from 2 rows up each row's result is independent
+    of the others (what makes an image the same alone or in any batch). `graphs`: a GraphCache
+    (CUDA) or None (eager)."""
+
+    def __init__(self, unet, schedule: ModelSchedule, prediction_type: str, *, dtype, device,
+                 graphs=None, channels_last: bool = False, min_rows: int = 1):
+        output_coefficients(prediction_type, 1.0, 1.0, False)  # validates the name
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
-        self.g = float(guidance_scale)
-        self.lincomb = lincomb
-        self.model_dtype = model_dtype or cond.dtype
-        self.extra = extra_channels  # [B, C, h, w] concatenated after x (inpainting UNets)
-        if self.g == 1.0:
-            self.context = cond
-        else:
-            self.context = torch.cat([uncond, cond])
-        self.calls = 0
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.graphs = graphs
+        self.channels_last = channels_last
+        self.min_rows = min_rows
+        self.calls = 0  # UNet calls made
+        self.rows_run = 0  # rows evaluated, padding included
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        self.calls += 1
-        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        t = self.schedule.sigma_to_t(sigma)
-        x_in = (x * c_in).to(self.model_dtype)  # [B, 4, h, w]
-        if self.extra is not None:
-            x_in = torch.cat([x_in, self.extra.to(self.model_dtype)], dim=1)
-        if self.g != 1.0:
-            x_in = torch.cat([x_in, x_in])
-        t_in = torch.full((x_in.shape[0],), t, dtype=torch.float32, device=x.device)
-        out = self.unet(x_in, t_in, self.context).to(x.dtype)
-        if self.prediction_type == "epsilon":
-            c_skip, c_out = 1.0, -sigma
+    def _host_floats(self, values) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.float32)
+        if self.device.type == "cuda":  # pinned + non_blocking: no host synchronisation
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def rows(self, items):
+        """(x_in [R, Cin, h, w] model dtype, t [R] fp32, context [R, L, dim]) for items
+        [(Conditioning, x [1, C, h, w] fp32, sigma)], each image's rows adjacent, uncond first."""
+        xs, ts, ctxs = [], [], []
+        for cond, x, sigma in items:
+            x_in = (x * (1.0 / math.sqrt(sigma * sigma + 1.0))).to(self.dtype)  # [1, C, h, w]
+            if cond.extra is not None:
+                x_in = torch.cat([x_in, cond.extra], dim=1)
+            t = self.schedule.sigma_to_t(sigma)
+            for ctx in cond.contexts():
+                xs.append(x_in)
+                ts.append(t)
+                ctxs.append(ctx)
+        while len(xs) < self.min_rows:  # a lone row is evaluated twice (see the class docstring)
+            xs.append(xs[-1])
+            ts.append(ts[-1])
+            ctxs.append(ctxs[-1])
+        return torch.cat(xs), self._host_floats(ts), torch.cat(ctxs)
+
+    def __call__(self, items) -> list[torch.Tensor]:
+        """items: [(Conditioning, x [1, C, h, w] fp32, sigma: float)] -> [x0 [1, C, h, w] fp32]."""
+        x_in, t, ctx = self.rows(items)
+        pairs = items[0][0].hypernetworks
+        if self.graphs is not None:
+            out = self.graphs.run(self.unet, x_in, t, ctx, pairs)
         else:
-            c_skip = 1.0 / (sigma * sigma + 1.0)
-            c_out = -sigma / math.sqrt(sigma * sigma + 1.0)
-        if self.g == 1.0:
-            return self.lincomb([c_skip, c_out], [x, out])
-        uncond_out, cond_out = out.chunk(2)
-        return self.lincomb([c_skip, c_out * (1.0 - self.g), c_out * self.g], [x, uncond_out, cond_out])
+            set_kv_hook(self.unet, KVHook(pairs) if pairs else None)
+            try:
+                if self.channels_last:
+                    x_in = x_in.contiguous(memory_format=torch.channels_last)
+                out = self.unet(x_in, t, ctx)
+            finally:
+                set_kv_hook(self.unet, None)
+        self.calls += 1
+        self.rows_run += out.shape[0]
+        results, r = [], 0
+        for cond, x, sigma in items:
+            c = output_coefficients(self.prediction_type, sigma, cond.guidance, cond.cfg)
+            o = out[r:r + cond.rows].float()  # [rows, C, h, w]
+            results.append(ops.lincomb(c, [x, *o.split(1)]))
+            r += cond.rows
+        return results

@@ -1,4 +1,4 @@
-"""Checkpoint on disk -> built, loaded modules -> Pipeline.
+"""Checkpoint on disk -> built, loaded modules -> Pipeline; `load()` and `generate()`.
 
 The networks are built on the meta device (no memory, no random init) and their tensors are
 streamed in one at a time by `formats.load_into`, straight to the target device and dtype. A
@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff import _core
 from fastdiff.formats import FormatError, ModelSource, load_into, open_model, open_vae
+from fastdiff.pipeline import ModelInfo, Pipeline
+from fastdiff.request import check_request
 
-# The model fastdiff ships (issue 6): used when no model is given.
+# The model fastdiff ships: used when no model is given.
 DEFAULT_MODEL = Path(__file__).parent / "data" / "shapes-model"
 
 
@@ -31,18 +34,14 @@ def default_model() -> str:
 
 def alphas_cumprod(scheduler: dict) -> np.ndarray:
     """The training noise schedule from a diffusers scheduler config, in float64."""
-    n = int(scheduler.get("num_train_timesteps", 1000))
-    b0, b1 = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
-    kind = scheduler.get("beta_schedule", "scaled_linear")
-    if scheduler.get("trained_betas") is not None:
-        betas = np.asarray(scheduler["trained_betas"], dtype=np.float64)
-    elif kind == "scaled_linear":
-        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
-    elif kind == "linear":
-        betas = np.linspace(b0, b1, n, dtype=np.float64)
-    else:
-        raise FormatError(f"scheduler config: beta_schedule {kind!r} is not supported (scaled_linear, linear)")
-    return np.cumprod(1.0 - betas)
+    trained = scheduler.get("trained_betas")
+    try:
+        return np.asarray(_core.alphas_cumprod(
+            str(scheduler.get("beta_schedule", "scaled_linear")), float(scheduler.get("beta_start", 0.00085)),
+            float(scheduler.get("beta_end", 0.012)), int(scheduler.get("num_train_timesteps", 1000)),
+            [float(b) for b in trained] if trained is not None else []), dtype=np.float64)
+    except ValueError as e:
+        raise FormatError(f"scheduler config: {e}") from None
 
 
 def native_size(src: ModelSource) -> int:
@@ -90,7 +89,6 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None
     from fastdiff.models.clip import CLIPTextEncoder
     from fastdiff.models.unet import UNet2DCondition
     from fastdiff.models.vae import AutoencoderKL
-    from fastdiff.pipeline import ModelInfo, Pipeline
     from fastdiff.tokenizer import CLIPTokenizer, default_tokenizer
 
     path = default_model() if path is None else os.fspath(path)
@@ -125,3 +123,60 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype, config=None
         hash=ModelHash(src), path=path,
     )
     return Pipeline(unet, vae_m, text, tok, info, device=device, dtype=dtype, **pipeline_options)
+
+
+# ---------------------------------------------------------------------- load / generate
+
+def _device_dtype(device, dtype):
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch sees no CUDA device")
+    if isinstance(dtype, str):
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def load(path=None, *, device=None, dtype=None, config=None, vae=None, cuda_graphs=None,
+         channels_last=False, max_batch=None) -> Pipeline:
+    """Load any supported checkpoint: a diffusers folder or a single .safetensors/.ckpt file
+    (SD 1.x/2.x, eps or v, inpainting); `vae` replaces its VAE with a standalone VAE file.
+    No path: the small model that ships with fastdiff.
+
+    device defaults to CUDA when present; dtype to float16 on CUDA and float32 on CPU.
+    `config` overrides what was detected (see fastdiff.formats.open_model). `cuda_graphs`
+    (default: on for CUDA) replays captured graphs of the UNet; `channels_last` stores the
+    UNet's convolutions NHWC; `max_batch` caps the images in one UNet call (default 8 on
+    CUDA, 4 on CPU)."""
+    device, dtype = _device_dtype(device, dtype)
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return load_pipeline(path, device=device, dtype=dtype, config=config, vae=vae,
+                         cuda_graphs=cuda_graphs, channels_last=channels_last, max_batch=max_batch)
+
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def generate(prompt, *, model=None, device=None, dtype=None, embeddings=(), callback=None,
+             eta=1.0, s_noise=1.0, progress=False, latents=None, **kwargs):
+    """Load the model (once: the last one stays cached) and generate. Arguments as
+    Pipeline.submit; they are checked before the model loads."""
+    req = check_request(prompt, **kwargs)
+    for e in embeddings:
+        if not os.path.isfile(e):
+            raise FileNotFoundError(f"embedding {e} does not exist")
+    device, dtype = _device_dtype(device, dtype)
+    key = (os.path.realpath(model) if model is not None else None, str(device), str(dtype))
+    with _CACHE_LOCK:
+        pipe = _CACHE.get(key)
+        if pipe is None:
+            _CACHE.clear()  # keep one model resident
+            pipe = _CACHE[key] = load(model, device=device, dtype=dtype)
+    return pipe(req, embeddings=embeddings, callback=callback, eta=eta, s_noise=s_noise,
+                progress=progress, latents=latents)

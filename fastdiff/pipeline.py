@@ -1,26 +1,31 @@
-"""prompt -> tokens -> context -> C++ sampling loop -> VAE -> images.
+"""The Pipeline: a loaded model and the facade over its engine.
 
-`load()` builds a Pipeline from any supported checkpoint; `generate()` is load + call with a
-small cache of loaded pipelines, so a script calling it in a loop loads the model once.
+A call (`pipe(...)`, or `pipe.submit(...)` for a handle) is checked, its prompts are encoded,
+and each of its images becomes an engine Job with its own sampler state, seed-keyed noise
+generator and conditioning; the engine batches the model evaluations of every running job —
+of this call and of any other call, from any thread — into shared UNet calls. When the call's
+jobs finish their latents are decoded here, in the caller's thread.
 """
 from __future__ import annotations
 
-import math
 import os
-import random
+import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fastdiff import __version__, ops, sampling
-from fastdiff.denoiser import Denoiser, DiscreteSigmas
+from fastdiff import __version__, sampling
+from fastdiff.denoiser import BatchDenoiser, Conditioning, ModelSchedule
+from fastdiff.engine import Cancelled, Engine, Job
 from fastdiff.graphs import GraphCache
+from fastdiff.request import (Request, check_request, convert, hn_pairs, img2img_steps, init_tensor,
+                              progress_bar)
 from fastdiff.results import GenerationResult, parameters_text
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SEED = 2**32 - 1
+__all__ = ["Pipeline", "ModelInfo", "GenerationHandle", "Cancelled"]
 
 
 @dataclass
@@ -35,87 +40,18 @@ class ModelInfo:
     path: str = ""
 
 
-@dataclass
-class _Request:
-    """One call's arguments, checked before any work starts."""
-
-    prompts: list
-    negs: list
-    steps: int
-    guidance_scale: float
-    sampler: str
-    schedule: str
-    seed: int
-    width: int | None
-    height: int | None
-    num_images: int
-    batch_size: int | None
-    hypernetworks: list
-    clip_skip: int
-    init_image: object
-    strength: float
-    output_type: str
-
-
-def check_request(prompt, *, negative_prompt="", steps=20, guidance_scale=7.0,
-                  sampler="euler_ancestral", schedule="normal", seed=None, width=None, height=None,
-                  num_images=1, batch_size=None, hypernetworks=(), clip_skip=1, init_image=None,
-                  strength=0.75, output_type="pil") -> _Request:
-    """Every argument checked, with a message naming the bad value, before anything loads."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negs) == 1:
-        negs = negs * len(prompts)
-    if len(negs) != len(prompts):
-        raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-    if sampler not in sampling.SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(sampling.SAMPLERS)}")
-    if schedule not in sampling.SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(sampling.SCHEDULES)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    for name, v in (("width", width), ("height", height)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8):
-            raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-    for name, v in (("num_images", num_images), ("batch_size", batch_size or 1), ("clip_skip", clip_skip)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    total = len(prompts) * num_images
-    if seed is None:  # leave room for seed + total - 1
-        seed = random.SystemRandom().randrange(MAX_SEED - total + 2)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed and seed + total - 1 <= MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED - total + 1}] for {total} images, got {seed!r}")
-    hns = list(_hn_pairs(hypernetworks))
-    for path, s in hns:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"hypernetwork {path} does not exist")
-        if not math.isfinite(s):
-            raise ValueError(f"hypernetwork strength must be finite, got {s!r} for {path}")
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0.0 < strength <= 1.0):
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-    if init_image is not None:
-        init_image = _open_init_image(init_image)
-    return _Request(prompts, negs, steps, float(guidance_scale), sampler, schedule, seed, width, height,
-                    num_images, batch_size, hns, clip_skip, init_image, float(strength), output_type)
-
-
 class Pipeline:
     """A loaded model. Its parts are public for parity checks and advanced use:
     `pipe.unet(x, t, context)`, `pipe.vae.encode(images)`, `pipe.vae.decode(latents)`,
-    `pipe.encode_prompt(prompts, clip_skip=1)`.
+    `pipe.encode_prompt(prompts, clip_skip=1)`, `pipe.engine`.
 
-    Calls are serialised by a lock: concurrent calls on one pipeline never mix state
-    (hooks, hypernetwork strengths, embeddings), they queue.
+    Thread-safe: concurrent calls share UNet batches (continuous batching); each call's
+    add-ons, strengths and prompts are fixed when it starts. `max_batch` caps the images in one
+    UNet call (default 8 on CUDA, 4 on CPU).
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, info: ModelInfo, *, device, dtype,
-                 cuda_graphs: bool | None = None, channels_last: bool = False):
+                 cuda_graphs: bool | None = None, channels_last: bool = False, max_batch: int | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -123,23 +59,36 @@ class Pipeline:
         self.info = info
         self.device = torch.device(device)
         self.dtype = dtype
-        self.schedule = DiscreteSigmas(info.alphas_cumprod)
+        self.schedule = ModelSchedule(list(np.asarray(info.alphas_cumprod, dtype=np.float64)))
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = vae.config.latent_channels
         self.embeddings: dict[str, torch.Tensor] = {}  # name -> [n, dim]
         self.hypernetworks: list = []  # loaded with load_hypernetwork: applied on every call
-        self._call_hns: dict = {}  # (path, k) -> k-th Hypernetwork of that file in a call
-        self._active_hypernetworks: list = []  # during a call: the stack its kv_hook applies
-        self._lock = threading.RLock()
-        # The fast path: on CUDA, each sampling step replays a captured graph of the denoiser.
+        self._call_hns: dict = {}  # (path, k) -> k-th hypernetwork module of that file named in a call
+        self._lock = threading.RLock()  # guards the add-on tables above
+        cuda = self.device.type == "cuda"
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
-        if cuda_graphs and self.device.type != "cuda":
+            cuda_graphs = cuda
+        if cuda_graphs and not cuda:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, this pipeline is on {self.device}")
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        self.denoiser = BatchDenoiser(unet, self.schedule, info.prediction_type, dtype=dtype, device=self.device,
+                                      channels_last=self.channels_last, min_rows=1 if cuda else 2)
+        self.engine = Engine(self.denoiser, max_batch=(8 if cuda else 4) if max_batch is None else max_batch)
         self.graphs = GraphCache(channels_last=self.channels_last) if cuda_graphs else None
+
+    @property
+    def graphs(self) -> GraphCache | None:
+        """The CUDA graphs of the UNet calls (None: eager)."""
+        return self.denoiser.graphs
+
+    @graphs.setter
+    def graphs(self, cache) -> None:
+        if cache is not None:
+            cache.exclusive = self.engine.device_lock.exclusive
+        self.denoiser.graphs = cache
 
     def __repr__(self) -> str:
         i = self.info
@@ -156,18 +105,27 @@ class Pipeline:
 
         if isinstance(prompts, str):
             prompts = [prompts]
-        with self._lock, torch.inference_mode():
-            counts = {name: v.shape[0] for name, v in self.embeddings.items()}
+        with self._lock:
+            embeddings = dict(self.embeddings)
+        with torch.inference_mode():
+            counts = {name: v.shape[0] for name, v in embeddings.items()}
             bt = P.tokenize_batch(list(prompts), self.tokenizer, counts, n_chunks=n_chunks)
             B, k = bt.ids.shape[0], bt.n_chunks
             embeds = self.text_encoder.token_embedding(bt.ids.to(self.device))  # [B, 77k, dim]
             for row, chunk, pos, name in bt.fixes:
-                vec = self.embeddings[name]
+                vec = embeddings[name]
                 start = chunk * (P.CHUNK_LENGTH + 2) + pos
                 embeds[row, start:start + vec.shape[0]] = vec
             dim = embeds.shape[-1]
             z = self.text_encoder(inputs_embeds=embeds.view(B * k, -1, dim), clip_skip=clip_skip)
             return P.apply_emphasis(z.reshape(B, -1, dim), bt.weights)  # [B, 77k, dim]
+
+    def _chunk_count(self, text: str) -> int:
+        from fastdiff import prompts as P
+
+        with self._lock:
+            counts = {name: v.shape[0] for name, v in self.embeddings.items()}
+        return len(P.tokenize(text, self.tokenizer, counts))
 
     # ------------------------------------------------------------------ add-ons
 
@@ -207,35 +165,44 @@ class Pipeline:
                              f"attention inputs {sorted(ctx_widths)}")
         return hn.to(self.device, self.dtype).eval().requires_grad_(False)
 
-    def _call_hypernetworks(self, pairs) -> list:
-        """The hypernetworks a call names, as (path, strength) pairs, read once and cached. The
-        same file twice in one call is two hypernetworks, each at its own strength."""
-        out = []
-        for n, (path, s) in enumerate(pairs):
-            key = (path, [p for p, _ in pairs[:n]].count(path))
-            if key not in self._call_hns:
-                self._call_hns[key] = self._read_hypernetwork(path, s)
-            self._call_hns[key].strength = s
-            out.append(self._call_hns[key])
-        return out
-
-    def _set_kv_hook(self, hook) -> None:
-        for m in self.unet.attention_modules():
-            m.kv_hook = hook
+    def _hypernetwork_stack(self, pairs) -> tuple:
+        """((module, strength), ...) for a call: the loaded hypernetworks at their strengths now,
+        then the call's (path, strength) pairs, each file read once and cached. The same file
+        twice in one call is two hypernetworks, each at its own strength."""
+        with self._lock:
+            stack = [(h, float(h.strength)) for h in self.hypernetworks]
+            for n, (path, s) in enumerate(pairs):
+                key = (path, [p for p, _ in pairs[:n]].count(path))
+                if key not in self._call_hns:
+                    self._call_hns[key] = self._read_hypernetwork(path, s)
+                stack.append((self._call_hns[key], float(s)))
+        return tuple(stack)
 
     # ------------------------------------------------------------------ generation
 
-    def __call__(self, prompt, *, negative_prompt="", steps=20, guidance_scale=7.0,
-                 sampler="euler_ancestral", schedule="normal", seed=None, width=None,
-                 height=None, num_images=1, batch_size=None, hypernetworks=(), embeddings=(),
-                 clip_skip=1, init_image=None, strength=0.75, output_type="pil", callback=None,
-                 eta=1.0, s_noise=1.0, progress=False, latents=None) -> GenerationResult:
-        """Generate images. Image i of the call uses seed + i whatever the batching; `seed`
-        None draws one (reported in the result's parameters). `hypernetworks`: paths or
+    def __call__(self, prompt, **kwargs) -> GenerationResult:
+        """Generate images: `submit(...)` and wait for the result. Arguments as `submit`."""
+        handle = self.submit(prompt, **kwargs)
+        try:
+            return handle.result()
+        except BaseException:
+            handle.cancel()
+            raise
+
+    def submit(self, prompt, *, negative_prompt="", steps=20, guidance_scale=7.0,
+               sampler="euler_ancestral", schedule="normal", seed=None, width=None,
+               height=None, num_images=1, batch_size=None, hypernetworks=(), embeddings=(),
+               clip_skip=1, init_image=None, strength=0.75, output_type="pil", callback=None,
+               eta=1.0, s_noise=1.0, progress=False, latents=None) -> "GenerationHandle":
+        """Start generating and return at once with a handle: `.result()` waits for the
+        GenerationResult, `.cancel()` stops the call's images at their next step,
+        `.progress()` counts steps. Image i of the call uses seed + i whatever the batching;
+        `seed` None draws one (reported in the result's parameters). `hypernetworks`: paths or
         (path, strength) pairs for this call only; `embeddings`: embedding files to load
-        first. `latents`: the initial noise [N, C, h, w] (unit variance) instead of the seeds'.
-        `callback({i, x, sigma, denoised})` is called after each step."""
-        req = prompt if isinstance(prompt, _Request) else check_request(
+        first. `latents`: the initial noise [N, C, h, w] (unit variance) instead of the
+        seeds'. `callback({i, x, sigma, denoised})` is called in the waiting thread after each
+        step of each batch of `batch_size` images (default: max_batch)."""
+        req = prompt if isinstance(prompt, Request) else check_request(
             prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
             sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
             num_images=num_images, batch_size=batch_size, hypernetworks=hypernetworks,
@@ -249,153 +216,95 @@ class Pipeline:
         shape = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         if latents is not None and tuple(latents.shape) != (total, *shape):
             raise ValueError(f"latents must be {[total, *shape]}, got {list(latents.shape)}")
-        init = _init_tensor(req.init_image, width, height) if req.init_image is not None else None
+        init = init_tensor(req.init_image, width, height) if req.init_image is not None else None
         for item in embeddings:
             self.load_embedding(item)
-        batch = req.batch_size or min(total, 8)
+        stack = self._hypernetwork_stack(req.hypernetworks)
+        cfg = req.guidance_scale != 1.0
+        sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
+        if init is not None:  # the last steps of the full schedule, from the encoded image
+            sig = sig[req.steps - img2img_steps(req.strength, req.steps):]
+        sig = sig.tolist()
 
-        with self._lock, torch.inference_mode():
-            active = self.hypernetworks + self._call_hypernetworks(req.hypernetworks)
-            self._active_hypernetworks = active
-            self._set_kv_hook(_stack(active))
-            jobs = [(pi, i) for pi in range(len(req.prompts)) for i in range(req.num_images)]
-            ks = self._chunk_counts(req)
-            outputs, params = [], []
-            per_image = req.steps if req.init_image is None else _img2img_steps(req.strength, req.steps)
-            bar = _progress(total * per_image, progress)  # image-steps
-            try:
-                for run in _batches([ks[pi] for pi, _ in jobs], batch):
-                    start, chunk = run[0], [jobs[j] for j in run]
-                    seeds = [req.seed + j for j in run]
-                    lat = self._sample(
-                        req, [req.prompts[pi] for pi, _ in chunk], [req.negs[pi] for pi, _ in chunk], seeds,
-                        shape=shape, init=init, callback=callback, eta=eta, s_noise=s_noise, bar=bar,
-                        n_chunks=ks[chunk[0][0]],
-                        latents=None if latents is None else latents[start:start + len(chunk)])
-                    outputs.append(lat if req.output_type == "latent" else self.decode(lat))
-                    for (pi, _), s in zip(chunk, seeds):
-                        params.append(self._parameters(req, pi, s, width, height, active))
-            finally:
-                self._set_kv_hook(None)
-                self._active_hypernetworks = []
-                if bar is not None:
-                    bar.close()
-        images = _convert(torch.cat(outputs), req.output_type)
-        if req.output_type == "pil":  # as A1111's images: image.info["parameters"] is the infotext
-            for img, p in zip(images, params):
-                img.info["parameters"] = parameters_text(p)
-        return GenerationResult(images, params, req.output_type)
+        with self.engine.device_lock.shared(), torch.inference_mode():
+            contexts = {}  # (text, chunks) -> [1, 77k, dim]; each prompt encoded alone
 
-    def _parameters(self, req, pi, seed, width, height, active) -> dict:
-        return dict(
-            prompt=req.prompts[pi], negative_prompt=req.negs[pi], steps=req.steps, sampler=req.sampler,
-            schedule=req.schedule, guidance_scale=req.guidance_scale, seed=seed, width=width,
-            height=height, clip_skip=req.clip_skip,
-            strength=req.strength if req.init_image is not None else None,
-            model_hash=str(self.info.hash) if self.info.hash is not None else None,
-            model_name=self.info.name,
-            hypernetworks=", ".join(f"{h.name}:{h.strength:g}" for h in active),
-            version=__version__,
-        )
+            def context(text, k):
+                if (text, k) not in contexts:
+                    contexts[text, k] = self.encode_prompt([text], req.clip_skip, n_chunks=k)
+                return contexts[text, k]
 
-    def _chunk_counts(self, req) -> list:
-        """CLIP chunks per prompt of a call: its own count, with CFG the larger of it and its
-        negative prompt's (cond and uncond share a UNet batch). Only images with equal counts
-        share a batch, so no prompt is padded because of another prompt of the call."""
-        from fastdiff import prompts as P
+            conds = []
+            for p, q in zip(req.prompts, req.negs):
+                # cond and uncond rows share a UNet call: both get the larger chunk count
+                k = max(self._chunk_count(p), self._chunk_count(q) if cfg else 1)
+                conds.append((context(p, k), context(q, k) if cfg else None))
+            x0 = self.encode_images(init.to(self.device)) if init is not None else None  # [1, C, h, w]
+            extra = self._inpainting_extra(shape)
+            hn_text = ", ".join(f"{h.name}:{s:g}" for h, s in stack)
+            model_hash = str(self.info.hash) if self.info.hash is not None else None
 
-        counts = {name: v.shape[0] for name, v in self.embeddings.items()}
+            handle = GenerationHandle(self, req, total, callback, progress_bar(total * (len(sig) - 1), progress))
+            for j in range(total):
+                pi = j // req.num_images
+                seed = req.seed + j
+                gen = torch.Generator("cpu").manual_seed(seed)
+                noise = (latents[j] if latents is not None else torch.randn(shape, generator=gen))[None]
+                x = noise.to(self.device, torch.float32) * sig[0]
+                if x0 is not None:
+                    x = x0 + x
+                cond = Conditioning(conds[pi][0], conds[pi][1], req.guidance_scale, extra, stack)
+                job = Job(cond, x, sig, req.sampler, noise=self._noise(gen, shape), eta=eta, s_noise=s_noise,
+                          call=handle, on_step=handle._on_step, on_done=handle._on_done)
+                job.index = j
+                handle.jobs.append(job)
+                handle.parameters.append(dict(
+                    prompt=req.prompts[pi], negative_prompt=req.negs[pi], steps=req.steps, sampler=req.sampler,
+                    schedule=req.schedule, guidance_scale=req.guidance_scale, seed=seed, width=width,
+                    height=height, clip_skip=req.clip_skip, strength=req.strength if init is not None else None,
+                    model_hash=model_hash, model_name=self.info.name, hypernetworks=hn_text, version=__version__))
+        self.engine.submit(handle.jobs)
+        return handle
 
-        def n(text):
-            return len(P.tokenize(text, self.tokenizer, counts))
-
-        return [max(n(p), n(q) if req.guidance_scale != 1.0 else 1) for p, q in zip(req.prompts, req.negs)]
-
-    def _sample(self, req, prompts, negs, seeds, *, shape, init, callback, eta, s_noise, bar, latents, n_chunks):
-        # One CPU generator per image, for the initial noise and every later noise draw: the
-        # same seed gives the same image at any batch size and on any device.
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    def _noise(self, gen, shape):
+        """Fresh noise for one image from its own CPU generator: the same seed gives the same
+        image at any batch size and on any device."""
         cuda = self.device.type == "cuda"
 
-        def draw():
-            n = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        def draw(sigma, sigma_next):
+            n = torch.randn(shape, generator=gen)[None]
             # pinned + non_blocking: the copy queues behind the running step instead of
             # waiting for it (a pageable copy would synchronise the loop every step)
             return n.pin_memory().to(self.device, non_blocking=True) if cuda else n
 
-        noise = draw() if latents is None else latents.to(self.device, torch.float32)
-        if req.guidance_scale == 1.0:
-            cond, uncond = self.encode_prompt(prompts, req.clip_skip, n_chunks=n_chunks), None
-        else:
-            ctx = self.encode_prompt(list(negs) + list(prompts), req.clip_skip, n_chunks=n_chunks)
-            uncond, cond = ctx.chunk(2)
-        sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
-        if init is not None:
-            # The last steps of the full schedule, from the encoded image (the latent mean)
-            # noised to the first one's sigma.
-            sig = sig[req.steps - _img2img_steps(req.strength, req.steps):]
-            x0 = self.encode_images(init.to(self.device)).expand(len(seeds), -1, -1, -1)
-            x = x0 + noise * float(sig[0])
-        else:
-            x = noise * float(sig[0])
-        extra = None
-        if self.unet.config.in_channels == 2 * self.latent_channels + 1:
-            # Inpainting UNet, no mask given: everything is to be painted (mask 1; the masked
-            # image is mid-grey), as A1111 conditions txt2img on inpainting checkpoints.
-            grey = torch.zeros(len(seeds), 3, shape[1] * self.vae_factor, shape[2] * self.vae_factor,
-                               device=self.device)
-            extra = torch.cat([torch.ones(len(seeds), 1, *shape[1:], device=self.device),
-                               self.encode_images(grey)], dim=1)
-        den = self._denoiser(cond, uncond, req.guidance_scale, extra, (len(seeds), *shape))
+        return draw
 
-        def cb(d):
-            if bar is not None:
-                bar.update(len(seeds))
-            if callback is not None:
-                callback(d)
-
-        return sampling.sample(den, x, sig, req.sampler, noise_sampler=lambda s, sn: draw(),
-                               callback=cb, eta=eta, s_noise=s_noise)
-
-    def _denoiser(self, cond, uncond, guidance_scale, extra, latent_shape):
-        if self.graphs is None:
-            return Denoiser(self.unet, self.schedule, self.info.prediction_type, cond, uncond,
-                            guidance_scale, ops.lincomb, self.dtype, extra)
-        cfg = guidance_scale != 1.0
-        context = torch.cat([uncond, cond]) if cfg else cond
-        active = self._active_hypernetworks
-        graph = self.graphs.get(
-            self.unet, self.schedule, self.info.prediction_type, batch=latent_shape[0],
-            latent_shape=latent_shape[1:], cfg=cfg, context_shape=context.shape[1:], dtype=self.dtype,
-            extra_channels=0 if extra is None else extra.shape[1], hypernetworks=active, device=self.device)
-        return graph.bind(context, guidance_scale, extra)
+    def _inpainting_extra(self, shape):
+        """An inpainting UNet with no mask given: everything is to be painted (mask 1; the
+        masked image is mid-grey), as A1111 conditions txt2img on inpainting checkpoints."""
+        if self.unet.config.in_channels != 2 * self.latent_channels + 1:
+            return None
+        grey = torch.zeros(1, 3, shape[1] * self.vae_factor, shape[2] * self.vae_factor, device=self.device)
+        mask = torch.ones(1, 1, *shape[1:], device=self.device)
+        return torch.cat([mask, self.encode_images(grey)], dim=1).to(self.dtype)  # [1, 1 + C, h, w]
 
     def warmup(self, shapes=((1, None, None),), *, guidance: bool = True, chunks: int = 1,
                hypernetworks=()) -> int:
-        """Capture the CUDA graphs for `shapes` — (batch, height, width) in pixels, None for
+        """Capture the CUDA graphs for `shapes` — (images, height, width) in pixels, None for
         the native size — ahead of the first call, so a service's first request is as fast as
         its last. `chunks`: prompt length in 75-token chunks. Returns the number of graphs
         held. A no-op (0) without CUDA graphs."""
         if self.graphs is None:
             return 0
-        with self._lock, torch.inference_mode():
-            self._active_hypernetworks = self.hypernetworks + self._call_hypernetworks(list(_hn_pairs(hypernetworks)))
-            self._set_kv_hook(_stack(self._active_hypernetworks))
-            try:
-                dim = self.text_encoder.config.hidden_size
-                in_ch = self.unet.config.in_channels
-                extra = in_ch - self.latent_channels if in_ch == 2 * self.latent_channels + 1 else 0
-                for batch, height, width in shapes:
-                    h = (height or self.info.native_size) // self.vae_factor
-                    w = (width or self.info.native_size) // self.vae_factor
-                    self.graphs.get(
-                        self.unet, self.schedule, self.info.prediction_type, batch=batch,
-                        latent_shape=(self.latent_channels, h, w), cfg=guidance,
-                        context_shape=(77 * chunks, dim), dtype=self.dtype, extra_channels=extra,
-                        hypernetworks=self._active_hypernetworks, device=self.device)
-            finally:
-                self._set_kv_hook(None)
-                self._active_hypernetworks = []
+        stack = self._hypernetwork_stack(list(hn_pairs(hypernetworks)))
+        dim = self.text_encoder.config.hidden_size
+        with torch.inference_mode():
+            for images, height, width in shapes:
+                h = (height or self.info.native_size) // self.vae_factor
+                w = (width or self.info.native_size) // self.vae_factor
+                self.graphs.get(self.unet, rows=images * (2 if guidance else 1),
+                                input_shape=(self.unet.config.in_channels, h, w), context_shape=(77 * chunks, dim),
+                                dtype=self.dtype, device=self.device, hypernetworks=[hn for hn, _ in stack])
         return len(self.graphs.graphs)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -411,152 +320,98 @@ class Pipeline:
             return ((img + 1) / 2).clamp(0, 1)
 
 
-def _stack(active):
-    from fastdiff.formats import HypernetworkStack
+class GenerationHandle:
+    """A running call: `result()` waits for it, `cancel()` stops it, `progress()` counts its
+    image-steps. Callbacks and the progress bar run in the thread that waits in result()."""
 
-    return HypernetworkStack(active) if active else None
+    def __init__(self, pipe: Pipeline, req: Request, total: int, callback, bar):
+        self.pipe = pipe
+        self.request = req
+        self.jobs: list[Job] = []
+        self.parameters: list[dict] = []
+        self._callback = callback
+        self._bar = bar
+        self._events: queue.Queue = queue.Queue()
+        self._chunk = req.batch_size or min(total, pipe.engine.max_batch)
+        self._steps: dict = {}  # (chunk, step) -> {image: (x, sigma, denoised)}
+        self._result = None
+        self._pending = total  # jobs not yet finished, as seen by the waiting thread
 
+    def _on_step(self, job, d) -> None:  # in the job's thread: hand over to the waiting thread
+        if self._callback is not None or self._bar is not None:
+            self._events.put((job.index, d))
 
-def _hn_pairs(hypernetworks):
-    if isinstance(hypernetworks, (str, os.PathLike)):
-        hypernetworks = [hypernetworks]
-    for h in hypernetworks:
-        if isinstance(h, (tuple, list)):
-            yield os.fspath(h[0]), float(h[1])
-        else:
-            yield os.fspath(h), 1.0
+    def _on_done(self, job) -> None:
+        self._events.put((job.index, None))
 
+    def progress(self) -> dict:
+        steps = sum(len(j.sigmas) - 1 for j in self.jobs)
+        return {"images": len(self.jobs), "images_done": sum(j.done.is_set() for j in self.jobs),
+                "steps": steps, "steps_done": sum(j.steps_done for j in self.jobs)}
 
-def _img2img_steps(strength: float, steps: int) -> int:
-    """A1111 img2img samples t_enc + 1 steps, t_enc = int(min(strength, 0.999) * steps)
-    (sd_samplers_kdiffusion: sigmas[steps - t_enc - 1:]); strength 1: all of them."""
-    return int(min(strength, 0.999) * steps) + 1
+    def done(self) -> bool:
+        return all(j.done.is_set() for j in self.jobs)
 
+    def cancel(self) -> None:
+        """Stop every image of the call that has not finished (their slots free at the next
+        evaluation); result() then raises Cancelled."""
+        self.pipe.engine.cancel(self.jobs)
 
-def _batches(keys, size) -> list:
-    """Indices 0..len(keys)-1 cut into runs of equal consecutive keys, at most `size` long."""
-    runs = []
-    for i, k in enumerate(keys):
-        if runs and len(runs[-1]) < size and keys[runs[-1][0]] == k:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+    def _dispatch(self, index, d) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+        if self._callback is None:
+            return
+        c = index // self._chunk
+        members = range(c * self._chunk, min((c + 1) * self._chunk, len(self.jobs)))
+        got = self._steps.setdefault((c, d["i"]), {})
+        got[index] = d
+        if len(got) == len(members):
+            del self._steps[c, d["i"]]
+            ds = [got[m] for m in members]
+            self._callback({"i": d["i"], "sigma": d["sigma"], "x": torch.cat([e["x"] for e in ds]),
+                            "denoised": torch.cat([e["denoised"] for e in ds])})
 
-
-def _progress(total, enabled):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="step", desc="fastdiff")
-
-
-INIT_MODES = ("RGB", "RGBA", "L")
-
-
-def _open_init_image(image):
-    """A path, PIL image or [3, H, W] tensor in [0, 1], checked (not yet resized)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"init image {path} does not exist")
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for every image, decode and return them. Raises Cancelled if the call was
+        cancelled, or the first image's error (e.g. FloatingPointError for NaN output)."""
+        if self._result is not None:
+            return self._result
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"init image {path} is not a readable image: {e}") from None
-    if isinstance(image, Image.Image):
-        if image.mode not in INIT_MODES:
-            raise ValueError(f"init image has mode {image.mode!r}; give an {', '.join(INIT_MODES)} image")
-        return image
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise ValueError(f"init image tensor must be float [3, H, W] in [0, 1], got {image.dtype} {list(image.shape)}")
-        return image
-    raise ValueError(f"init_image must be a path, a PIL image or a tensor, got {type(image).__name__}")
+            while self._pending:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    index, d = self._events.get(timeout=wait)
+                except queue.Empty:
+                    raise TimeoutError(f"generation not finished after {timeout} s") from None
+                if d is None:
+                    self._pending -= 1
+                else:
+                    self._dispatch(index, d)
+        finally:
+            if self._bar is not None and not self._pending:
+                self._bar.close()
+        errors = [j.error for j in self.jobs if j.error is not None]
+        if errors:
+            cancelled = [e for e in errors if isinstance(e, Cancelled)]
+            raise (cancelled[0] if len(cancelled) == len(errors) else next(e for e in errors if not isinstance(e, Cancelled)))
+        self._result = self._finish()
+        return self._result
 
-
-def _init_tensor(image, width, height) -> torch.Tensor:
-    """-> [1, 3, height, width] in [-1, 1]."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        t = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
-    else:
-        t = image.float()
-        if tuple(t.shape[1:]) != (height, width):
-            raise ValueError(f"init image tensor is {t.shape[2]}x{t.shape[1]}, asked for {width}x{height}")
-    return (t * 2 - 1)[None]
-
-
-def _convert(images: torch.Tensor, output_type: str):
-    if output_type in ("pt", "latent"):
-        return images.cpu()
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    if output_type == "np":
-        return arr
-    from PIL import Image
-
-    return [Image.fromarray(a) for a in arr]
-
-
-# ---------------------------------------------------------------------- load / generate
-
-def _device_dtype(device, dtype):
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but torch sees no CUDA device")
-    if isinstance(dtype, str):
-        if dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-
-
-def load(path=None, *, device=None, dtype=None, config=None, vae=None, cuda_graphs=None,
-         channels_last=False) -> Pipeline:
-    """Load any supported checkpoint: a diffusers folder or a single .safetensors/.ckpt file
-    (SD 1.x/2.x, eps or v, inpainting); `vae` replaces its VAE with a standalone VAE file.
-    No path: the small model that ships with fastdiff.
-
-    device defaults to CUDA when present; dtype to float16 on CUDA and float32 on CPU.
-    `config` overrides what was detected (see fastdiff.formats.open_model). `cuda_graphs`
-    (default: on for CUDA) replays one captured graph per sampling step; `channels_last`
-    stores the UNet's convolutions NHWC."""
-    from fastdiff.loader import load_pipeline
-
-    device, dtype = _device_dtype(device, dtype)
-    return load_pipeline(path, device=device, dtype=dtype, config=config, vae=vae,
-                         cuda_graphs=cuda_graphs, channels_last=channels_last)
-
-
-_CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def generate(prompt, *, model=None, device=None, dtype=None, embeddings=(), callback=None,
-             eta=1.0, s_noise=1.0, progress=False, latents=None, **kwargs) -> GenerationResult:
-    """Load the model (once: the last one stays cached) and generate. Arguments as
-    Pipeline.__call__; they are checked before the model loads."""
-    req = check_request(prompt, **kwargs)
-    for e in embeddings:
-        if not os.path.isfile(e):
-            raise FileNotFoundError(f"embedding {e} does not exist")
-    device, dtype = _device_dtype(device, dtype)
-    key = (os.path.realpath(model) if model is not None else None, str(device), str(dtype))
-    with _CACHE_LOCK:
-        pipe = _CACHE.get(key)
-        if pipe is None:
-            _CACHE.clear()  # keep one model resident
-            pipe = _CACHE[key] = load(model, device=device, dtype=dtype)
-    return pipe(req, embeddings=embeddings, callback=callback, eta=eta, s_noise=s_noise,
-                progress=progress, latents=latents)
+    def _finish(self) -> GenerationResult:
+        pipe, req = self.pipe, self.request
+        lat = [j.output for j in self.jobs]  # [1, C, h, w] each
+        if req.output_type == "latent":
+            images = torch.cat(lat)
+        else:
+            # One image at a time on the CPU (a decode's rounding depends on its batch there, so
+            # an image is the same whatever else its call holds); in chunks on CUDA.
+            step = 1 if pipe.device.type == "cpu" else self._chunk
+            with pipe.engine.device_lock.shared():
+                images = torch.cat([pipe.decode(torch.cat(lat[i:i + step])) for i in range(0, len(lat), step)])
+        images = convert(images, req.output_type)
+        if req.output_type == "pil":  # as A1111's images: image.info["parameters"] is the infotext
+            for img, p in zip(images, self.parameters):
+                img.info["parameters"] = parameters_text(p)
+        return GenerationResult(images, self.parameters, req.output_type)

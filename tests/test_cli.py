@@ -97,13 +97,12 @@ BAD_ARGS = [
 @pytest.mark.parametrize("argv,msg", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_generate_bad_arguments(tiny_sd_dir, tmp_path, monkeypatch, capsys, argv, msg):
     from fastdiff import loader
-    from fastdiff import pipeline as P
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(loader, "load_pipeline", no_load)
-    monkeypatch.setattr(P, "_CACHE", {})
+    monkeypatch.setattr(loader, "_CACHE", {})
     (tmp_path / "file.txt").write_text("x")
     argv = [a.format(tmp=tmp_path, cmyk=_cmyk_file(tmp_path)) for a in argv]
     out = tmp_path / "out"

@@ -193,7 +193,7 @@ def test_no_seed_draws_one_and_reports_it(pipe):
 
 def test_drawn_seed_leaves_room_for_every_image(monkeypatch):
     """A drawn seed is valid for the whole call: seed + num_images - 1 <= MAX_SEED."""
-    from fastdiff import pipeline as P
+    from fastdiff import request as P
 
     class Top:  # the largest value randrange can return
         def randrange(self, *args):
@@ -286,13 +286,12 @@ def test_bad_input_raises_before_the_networks_run(pipe, monkeypatch, tmp_path, k
 @pytest.mark.parametrize("kw,exc,msg", BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_input_raises_before_the_model_loads(tiny_sd_dir, monkeypatch, tmp_path, kw, exc, msg):
     from fastdiff import loader
-    from fastdiff import pipeline as P
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(loader, "load_pipeline", no_load)
-    monkeypatch.setattr(P, "_CACHE", {})
+    monkeypatch.setattr(loader, "_CACHE", {})
     with pytest.raises(exc, match=msg):
         fastdiff.generate("a cat", model=tiny_sd_dir, **{"steps": 2, **SIZE, **_materialise(kw, tmp_path)})
 
@@ -614,7 +613,6 @@ def test_progress_bar_counts_image_steps(pipe, init_image, capsys):
 
 def test_generate_loads_once_and_checks_first(tiny_sd_dir, monkeypatch):
     from fastdiff import loader
-    from fastdiff import pipeline as P
 
     loads = []
     real = loader.load_pipeline
@@ -624,13 +622,13 @@ def test_generate_loads_once_and_checks_first(tiny_sd_dir, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(loader, "load_pipeline", counting)
-    monkeypatch.setattr(P, "_CACHE", {})
+    monkeypatch.setattr(loader, "_CACHE", {})
     kw = dict(model=tiny_sd_dir, steps=1, seed=3, output_type="latent", device="cpu", **SIZE)
     a = fastdiff.generate("a cat", **kw)
     b = fastdiff.generate("a cat", **kw)
     assert loads == [torch.float32] and torch.equal(a.images, b.images)
     fastdiff.generate("a cat", dtype="bfloat16", **kw)  # another dtype: loaded again, replacing it
-    assert loads == [torch.float32, torch.bfloat16] and len(P._CACHE) == 1
+    assert loads == [torch.float32, torch.bfloat16] and len(loader._CACHE) == 1
 
 
 def test_inpainting_unet_txt2img_matches_diffusers(tmp_path):
