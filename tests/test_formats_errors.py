@@ -8,7 +8,7 @@ import torch
 
 from checkpoints import save_safetensors, sd1_single_file, tiny_clip, tiny_unet, tiny_vae
 from fastdiff.formats import (
-    Component, FormatError, LazyTensor, TensorFile, load_embedding, load_hypernetwork, load_into, open_model, open_vae,
+    Component, FormatError, LazyTensor, TensorFile, load_embedding, load_into, open_model, open_vae, read_hypernetwork,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -37,7 +37,7 @@ def test_evil_pickles_are_refused_and_nothing_runs(tmp_path):
     raw = tmp_path / "raw.pt"
     with open(raw, "wb") as f:
         pickle.dump({768: [_Evil(marker), {}]}, f, protocol=2)
-    for fn, path in ((open_model, zip_ckpt), (open_vae, zip_ckpt), (load_hypernetwork, raw),
+    for fn, path in ((open_model, zip_ckpt), (open_vae, zip_ckpt), (read_hypernetwork, raw),
                      (load_embedding, raw), (load_embedding, zip_ckpt)):
         with pytest.raises(FormatError) as e:
             fn(str(path))

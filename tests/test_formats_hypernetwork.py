@@ -1,11 +1,16 @@
 """A1111 / NovelAI hypernetworks against a reference written from h(x) = x + mlp(x) * strength,
-with files built by hand in A1111's layout (module indices counted as its Sequential does)."""
+with files built by hand in A1111's layout (module indices counted as its Sequential does):
+formats.read_hypernetwork reads them into plain data, models.hypernetwork builds the modules,
+addons.load_hypernetwork does both."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from checkpoints import rel_err
-from fastdiff.formats import FormatError, Hypernetwork, HypernetworkStack, load_hypernetwork
+from fastdiff.addons import load_hypernetwork
+from fastdiff.formats import FormatError, HypernetworkFile, read_hypernetwork
+from fastdiff.formats.hypernetwork import expected_shapes
+from fastdiff.models.hypernetwork import Hypernetwork, HypernetworkModule, HypernetworkStack
 
 G = torch.Generator().manual_seed(0)
 
@@ -155,3 +160,51 @@ def test_bad_hypernetworks(tmp_path):
     torch.save({32: [sd, sd], "activation_func": "frobnicate"}, p)
     with pytest.raises(FormatError, match="unsupported activation"):
         load_hypernetwork(str(p))
+
+
+@pytest.mark.parametrize("which", ["deep", "tanh", "nai"])
+def test_reader_returns_plain_data(hn_files, which):
+    path, mods, _ = hn_files[which]
+    f = read_hypernetwork(path)
+    assert isinstance(f, HypernetworkFile) and f.dims == sorted(mods)
+    for dim, pair in f.state_dicts.items():
+        assert all(isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values()) for sd in pair)
+        assert all(not isinstance(x, torch.nn.Module) for x in (*pair, f.config))
+    assert f.num_params() == sum(p.numel() for p in load_hypernetwork(path).parameters())
+    assert read_hypernetwork(path, name="other").name == "other"
+
+
+CONFIGS = [
+    dict(layer_structure=[1, 2, 1], activation_func=None, is_layer_norm=False, activate_output=True,
+         dropout_structure=[0, 0, 0]),
+    dict(layer_structure=[1, 2, 1], activation_func="linear", is_layer_norm=True, activate_output=True,
+         dropout_structure=[0, 0.3, 0]),
+    dict(layer_structure=[1, 2, 2, 1], activation_func="relu", is_layer_norm=True, activate_output=False,
+         dropout_structure=[0, 0.3, 0.3, 0]),
+    dict(layer_structure=[1, 1.5, 3, 1], activation_func="swish", is_layer_norm=False, activate_output=True,
+         dropout_structure=[0, 0, 0.3, 0]),
+    dict(layer_structure=[1, 3, 1], activation_func="mish", is_layer_norm=True, activate_output=False,
+         dropout_structure=[0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+def test_reader_layout_matches_the_module(cfg):
+    """The reader's A1111 index counting and the module's Sequential agree key for key."""
+    mod = HypernetworkModule(32, cfg["layer_structure"], cfg["activation_func"], cfg["is_layer_norm"],
+                             cfg["activate_output"], cfg["dropout_structure"])
+    assert expected_shapes(32, cfg) == {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+
+
+def test_strength_is_held_by_the_hypernetwork_only(hn_files):
+    path, mods, ref = hn_files["deep"]
+    hn = load_hypernetwork(path, strength=0.5)
+    mk = hn.layers["64"][0]
+    assert not hasattr(mk, "strength")
+    ctx = torch.randn(1, 5, 64)
+    assert rel_err(mk(ctx, 0.25), ref(ctx, mods[64][0], 0.25)) <= 1e-6
+    k, _ = hn.apply_kv(ctx, ctx, 0.25)  # an explicit strength wins over hn.strength
+    assert rel_err(k, ref(ctx, mods[64][0], 0.25)) <= 1e-6
+    hn.strength_buffer = torch.tensor(0.75)  # as under a CUDA graph: the device scalar wins
+    k, _ = hn(ctx)
+    assert rel_err(k, ref(ctx, mods[64][0], 0.75)) <= 1e-6

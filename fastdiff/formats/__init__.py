@@ -4,7 +4,7 @@ models never import this package.
     src = open_model(path, config=None)     # diffusers folder or LDM single file -> ModelSource
     load_into(unet, src.unet, device, dtype)  # stream tensors into a built module
     src = src.with_vae(open_vae(vae_path))
-    hn = load_hypernetwork(path)            # hn(ctx) -> (ctx_k, ctx_v)
+    hn = read_hypernetwork(path)            # HypernetworkFile(name, config, state_dicts)
     emb = load_embedding(path)              # Embedding(name, vectors [n, dim])
     print(describe(path))
 """
@@ -12,14 +12,28 @@ from __future__ import annotations
 
 from .embedding import Embedding, check_embedding_width, load_embedding
 from .files import FormatError, TensorFile, load_pickle, sniff
-from .hypernetwork import Hypernetwork, HypernetworkModule, HypernetworkStack, load_hypernetwork
+from .hypernetwork import HypernetworkFile, read_hypernetwork
 from .source import Component, LazyTensor, ModelSource, load_into
 
 __all__ = [
     "FormatError", "open_model", "open_vae", "describe", "load_into", "ModelSource", "Component",
-    "LazyTensor", "TensorFile", "load_pickle", "sniff", "Hypernetwork", "HypernetworkModule",
-    "HypernetworkStack", "load_hypernetwork", "Embedding", "load_embedding", "check_embedding_width",
+    "LazyTensor", "TensorFile", "load_pickle", "sniff", "HypernetworkFile", "read_hypernetwork",
+    "Embedding", "load_embedding", "check_embedding_width",
 ]
+
+
+# TEMPORARY re-export for pipeline.py, removed when it switches
+# (to fastdiff.addons.load_hypernetwork and fastdiff.models.hypernetwork.HypernetworkStack).
+def __getattr__(name):
+    if name == "load_hypernetwork":
+        from fastdiff.addons import load_hypernetwork
+
+        return load_hypernetwork
+    if name in ("Hypernetwork", "HypernetworkModule", "HypernetworkStack"):
+        from fastdiff.models import hypernetwork
+
+        return getattr(hypernetwork, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_model(path: str, config: dict | None = None) -> ModelSource:

@@ -1,10 +1,6 @@
-"""A1111 / NovelAI hypernetworks (.pt): small residual MLPs on the context of every attention.
-
-For an attention whose context (cross-attention: the text context; self-attention: the normed
-hidden states) has width d, a hypernetwork with modules for d computes
-    k_ctx = h_k(ctx),  v_ctx = h_v(ctx),  h(x) = x + mlp(x) * strength
-and the attention uses to_k(k_ctx), to_v(v_ctx). Without a module for d it is the identity.
-Several hypernetworks chain: the k (v) output of one is the k (v) input of the next, as A1111.
+"""A1111 / NovelAI hypernetwork files (.pt), read into plain data: per context width a (k, v)
+pair of state dicts with A1111's key names, plus the structure they need (fastdiff.models.
+hypernetwork builds the modules; fastdiff.addons.load_hypernetwork does both).
 
 File layouts (both pickles, read with weights_only=True):
   A1111:   {320: [sd_k, sd_v], 640: ..., 'layer_structure': [1, 2, 1], 'activation_func': 'relu',
@@ -17,32 +13,53 @@ File layouts (both pickles, read with weights_only=True):
   NovelAI: {768: [sd_k, sd_v], ...}, sd with linear1.weight/bias, linear2.weight/bias
            (= layer_structure [1, 2, 1], no activation).
 Defaults for missing fields follow A1111's loader (layer_structure [1, 2, 1], activation None,
-activate_output True, no layer norm, no dropout). Dropout is inference-off: its slots are
-nn.Identity so the parameter indices still line up.
+activate_output True, no layer norm, no dropout). Every check a file can fail (keys, shapes,
+structure) is made here, so a FormatError names the file.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .files import FormatError, load_pickle
 
-_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
-    "linear": None,
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "swish": nn.Hardswish,  # A1111 maps "swish" to Hardswish; files trained with it expect that
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
-# A1111 also accepts any torch.nn activation class by its lower-cased name.
-for _n in dir(nn.modules.activation):
-    _c = getattr(nn.modules.activation, _n)
-    if isinstance(_c, type) and issubclass(_c, nn.Module) and _c.__module__ == "torch.nn.modules.activation":
-        _ACTIVATIONS.setdefault(_n.lower(), _c)
+
+def _activation_names() -> frozenset[str]:
+    """The activation_func values A1111 accepts: its own names plus any torch.nn activation
+    class by its lower-cased name ("linear" means none)."""
+    names = {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid"}
+    act = torch.nn.modules.activation
+    for n in dir(act):
+        c = getattr(act, n)
+        if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == act.__name__:
+            names.add(n.lower())
+    return frozenset(names)
+
+
+ACTIVATION_NAMES = _activation_names()
+
+_NAI_RENAME = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
+               "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}
+
+
+@dataclass
+class HypernetworkFile:
+    """What a hypernetwork file holds. `config`: layer_structure, activation_func, is_layer_norm,
+    activate_output, dropout_structure, format ("A1111" or "NovelAI"). `state_dicts`:
+    {width: (sd_k, sd_v)}, keys as A1111's Sequential `linear` (linear.0.weight, ...)."""
+
+    name: str
+    config: dict
+    state_dicts: dict[int, tuple[dict, dict]]
+
+    @property
+    def dims(self) -> list[int]:
+        return sorted(self.state_dicts)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for pair in self.state_dicts.values() for sd in pair for t in sd.values())
 
 
 def _dropout_structure(layer_structure, use_dropout, last_layer_dropout) -> list[float]:
@@ -52,107 +69,30 @@ def _dropout_structure(layer_structure, use_dropout, last_layer_dropout) -> list
     return [0.0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0.0] + [0.0]
 
 
-class HypernetworkModule(nn.Module):
-    """One residual MLP: forward(x, strength) = x + linear(x) * strength."""
-
-    def __init__(self, dim: int, layer_structure, activation: str | None, layer_norm: bool,
-                 activate_output: bool, dropout_structure):
-        super().__init__()
-        act_cls = None
-        if activation is not None:
-            if activation not in _ACTIVATIONS:
-                raise ValueError(f"unsupported activation function {activation!r}")
-            act_cls = _ACTIVATIONS[activation]
-        layers: list[nn.Module] = []
-        n = len(layer_structure)
-        for i in range(n - 1):
-            layers.append(nn.Linear(int(dim * layer_structure[i]), int(dim * layer_structure[i + 1])))
-            if act_cls is not None and (i < n - 2 or activate_output):
-                layers.append(act_cls())
-            if layer_norm:
-                layers.append(nn.LayerNorm(int(dim * layer_structure[i + 1])))
-            if dropout_structure is not None and dropout_structure[i + 1] > 0:
-                layers.append(nn.Identity())  # Dropout at training time
-        self.linear = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        p = self.linear[0].weight
-        y = self.linear(x.to(p.dtype)) * strength
-        return (x.to(p.dtype) + y).to(x.dtype)
+def expected_shapes(dim: int, config: dict) -> dict[str, tuple[int, ...]]:
+    """The state dict one module of width `dim` has: A1111's Sequential counts a Linear, then an
+    activation (none after the last Linear unless activate_output; "linear" is none), then a
+    LayerNorm, then a Dropout where the dropout structure is non-zero."""
+    ls, act = config["layer_structure"], config["activation_func"]
+    has_act = act is not None and act != "linear"
+    dropout = config["dropout_structure"]
+    out: dict[str, tuple[int, ...]] = {}
+    idx, n = 0, len(ls)
+    for i in range(n - 1):
+        d_in, d_out = int(dim * ls[i]), int(dim * ls[i + 1])
+        out[f"linear.{idx}.weight"], out[f"linear.{idx}.bias"] = (d_out, d_in), (d_out,)
+        idx += 1
+        if has_act and (i < n - 2 or config["activate_output"]):
+            idx += 1
+        if config["is_layer_norm"]:
+            out[f"linear.{idx}.weight"], out[f"linear.{idx}.bias"] = (d_out,), (d_out,)
+            idx += 1
+        if dropout is not None and dropout[i + 1] > 0:
+            idx += 1
+    return out
 
 
-class Hypernetwork(nn.Module):
-    """`hn(ctx) -> (ctx_k, ctx_v)`: the kv_hook of an attention module. `strength` can be changed
-    at any time without reloading."""
-
-    def __init__(self, name: str, modules: dict[int, tuple[HypernetworkModule, HypernetworkModule]],
-                 strength: float = 1.0, info: dict | None = None):
-        super().__init__()
-        self.name = name
-        self.strength = float(strength)
-        self.info = info or {}
-        self.strength_buffer = None  # 0-dim device tensor while captured in a CUDA graph
-        self.layers = nn.ModuleDict({str(d): nn.ModuleList(list(kv)) for d, kv in sorted(modules.items())})
-        self.eval()
-        self.requires_grad_(False)
-
-    @property
-    def dims(self) -> list[int]:
-        return [int(d) for d in self.layers]
-
-    def apply_kv(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.layers[str(ctx_k.shape[-1])] if str(ctx_k.shape[-1]) in self.layers else None
-        # Inside a CUDA graph the strength is read from a device scalar (`strength_buffer`,
-        # refreshed before each replay), so changing it needs no re-capture.
-        s = self.strength if self.strength_buffer is None else self.strength_buffer
-        if pair is None or (self.strength_buffer is None and self.strength == 0.0):
-            return ctx_k, ctx_v
-        return pair[0](ctx_k, s), pair[1](ctx_v, s)
-
-    def forward(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.apply_kv(ctx, ctx)
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, strength={self.strength}, dims={self.dims}"
-
-
-class HypernetworkStack(nn.Module):
-    """Several hypernetworks applied in order; `stack(ctx) -> (ctx_k, ctx_v)`. Strengths live on
-    the members: `stack[0].strength = 0.5` or `stack.set_strength('name', 0.5)`."""
-
-    def __init__(self, hypernetworks=()):
-        super().__init__()
-        self.items = nn.ModuleList(list(hypernetworks))
-
-    def __getitem__(self, i) -> Hypernetwork:
-        if isinstance(i, str):
-            for h in self.items:
-                if h.name == i:
-                    return h
-            raise KeyError(i)
-        return self.items[i]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def append(self, hn: Hypernetwork) -> None:
-        self.items.append(hn)
-
-    def set_strength(self, which, strength: float) -> None:
-        self[which].strength = float(strength)
-
-    def forward(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = v = ctx
-        for h in self.items:
-            k, v = h.apply_kv(k, v)
-        return k, v
-
-
-_NAI_RENAME = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
-               "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}
-
-
-def load_hypernetwork(path: str, strength: float = 1.0, name: str | None = None) -> Hypernetwork:
+def read_hypernetwork(path: str, name: str | None = None) -> HypernetworkFile:
     """Read an A1111 or NovelAI hypernetwork .pt file."""
     data = load_pickle(path)
     if not isinstance(data, dict):
@@ -164,7 +104,7 @@ def load_hypernetwork(path: str, strength: float = 1.0, name: str | None = None)
     if layer_structure[0] != 1 or layer_structure[-1] != 1:
         raise FormatError(f"{path}: layer_structure {layer_structure} must start and end with 1")
     activation = data.get("activation_func")
-    if activation is not None and activation not in _ACTIVATIONS:
+    if activation is not None and activation not in ACTIVATION_NAMES:
         raise FormatError(f"{path}: unsupported activation function {activation!r}")
     layer_norm = bool(data.get("is_layer_norm", False))
     activate_output = bool(data.get("activate_output", True))
@@ -174,16 +114,20 @@ def load_hypernetwork(path: str, strength: float = 1.0, name: str | None = None)
         dropout = _dropout_structure(layer_structure, use_dropout, bool(data.get("last_layer_dropout", False)))
     if len(dropout) != len(layer_structure):
         raise FormatError(f"{path}: dropout_structure {dropout} does not match layer_structure {layer_structure}")
+    config = {
+        "layer_structure": list(layer_structure), "activation_func": activation, "is_layer_norm": layer_norm,
+        "activate_output": activate_output, "dropout_structure": list(dropout),
+        "format": "NovelAI" if "layer_structure" not in data else "A1111",
+    }
 
-    modules = {}
+    state_dicts = {}
     for dim, pair in sorted(sizes.items()):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(s, dict) for s in pair):
             raise FormatError(f"{path}: width {dim}: expected a [k, v] pair of state dicts")
-        built = []
+        want = expected_shapes(dim, config)
+        checked = []
         for which, sd in zip("kv", pair):
             sd = {_NAI_RENAME.get(k, k): v for k, v in sd.items()}
-            mod = HypernetworkModule(dim, layer_structure, activation, layer_norm, activate_output, dropout)
-            want = mod.state_dict()
             missing, unexpected = set(want) - set(sd), set(sd) - set(want)
             if missing or unexpected:
                 raise FormatError(
@@ -192,16 +136,24 @@ def load_hypernetwork(path: str, strength: float = 1.0, name: str | None = None)
                     f"unexpected {sorted(unexpected)[:4]}"
                 )
             for k, v in sd.items():
-                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(want[k].shape):
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
                     got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise FormatError(f"{path}: width {dim} {which}-module {k}: expected {list(want[k].shape)}, found {got}")
-            mod.load_state_dict({k: v.float() for k, v in sd.items()})
-            built.append(mod)
-        modules[dim] = tuple(built)
-    info = {
-        "layer_structure": list(layer_structure), "activation_func": activation, "is_layer_norm": layer_norm,
-        "activate_output": activate_output, "dropout_structure": list(dropout),
-        "format": "NovelAI" if "layer_structure" not in data else "A1111",
-    }
+                    raise FormatError(f"{path}: width {dim} {which}-module {k}: expected {list(want[k])}, found {got}")
+            checked.append(sd)
+        state_dicts[dim] = tuple(checked)
     hn_name = name or data.get("name") or os.path.splitext(os.path.basename(path))[0]
-    return Hypernetwork(str(hn_name), modules, strength=strength, info=info)
+    return HypernetworkFile(str(hn_name), config, state_dicts)
+
+
+# TEMPORARY re-export for examples/shapes/train.py and tests/test_shapes_train.py, removed when
+# they import from fastdiff.models.hypernetwork and fastdiff.addons.
+def __getattr__(name):
+    if name == "load_hypernetwork":
+        from fastdiff.addons import load_hypernetwork
+
+        return load_hypernetwork
+    if name in ("Hypernetwork", "HypernetworkModule", "HypernetworkStack"):
+        from fastdiff.models import hypernetwork
+
+        return getattr(hypernetwork, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
