@@ -1,7 +1,7 @@
 """examples/shapes/train.py and evaluate.py: the scripts that train and score fastdiff's own
-small model (issue 6). The real run takes about two hours on 2 cores (examples/shapes/README.md
-has its scores); here every stage runs a few steps, and the pieces with exact answers are
-checked exactly."""
+small model. The real run takes one to two hours on 2 cores (examples/shapes/README.md has its
+scores); here every stage runs a few steps, and the pieces with exact answers are checked
+exactly."""
 from __future__ import annotations
 
 import os
@@ -19,10 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def quick_model(tmp_path_factory):
+    """Every stage of the default recipe, a few steps each; its log is train.log beside it."""
     out = tmp_path_factory.mktemp("shapes") / "model"
-    subprocess.run([sys.executable, "-m", "examples.shapes.train", "--quick", "--out", str(out),
-                    "--work", str(out.parent / "work")], check=True, cwd=ROOT, timeout=600,
-                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "examples.shapes.train", "--quick", "--out", str(out),
+                        "--work", str(out.parent / "work")], cwd=ROOT, timeout=600, capture_output=True, text=True)
+    (out.parent / "train.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
@@ -292,17 +294,27 @@ def test_hypernetwork_stage_trains_on_some_empty_captions(quick_model, tmp_path,
 
 def test_recipe_sets_the_constants_before_training(monkeypatch, tmp_path):
     """--recipe NAME applies RECIPES[NAME] to the module's constants before any stage runs; the
-    default recipe is the constants as they stand; an unknown name is refused by the parser."""
-    assert T.DEFAULT_RECIPE == "2h" and T.RECIPES["2h"] == {}  # the constants as they stand
-    for k in {k for r in T.RECIPES.values() for k in r} | {"VAE_BATCH", "VAE_IMAGES", "UNET_BATCH", "UNET_IMAGES",
-                                                            "HN_BATCH", "HN_IMAGES", "EMB_BATCH", "EMB_IMAGES",
-                                                            "HN_STEPS", "EMB_STEPS", "DEVICE"}:
+    default is recipe 1h, the shipped weights' recipe; "2h" is the constants as they stand; an
+    unknown name is refused by the parser."""
+    assert T.DEFAULT_RECIPE == "1h" and T.RECIPES["2h"] == {}
+    keys = {k for r in T.RECIPES.values() for k in r} | {"VAE_BATCH", "VAE_IMAGES", "UNET_BATCH", "UNET_IMAGES",
+                                                          "HN_BATCH", "HN_IMAGES", "EMB_BATCH", "EMB_IMAGES",
+                                                          "HN_STEPS", "EMB_STEPS", "DEVICE"}
+    for k in keys:
         monkeypatch.setattr(T, k, getattr(T, k))  # restored after the test
-    seen = {}
-    monkeypatch.setattr(T, "train_vae", lambda work, seed, phase: seen.update(
+    before = {k: getattr(T, k) for k in T.RECIPES["1h"]}
+    seen = []
+    monkeypatch.setattr(T, "train_vae", lambda work, seed, phase: seen.append(
         {k: getattr(T, k) for k in T.RECIPES["1h"]}))
-    assert T.main(["--recipe", "1h", "--stages", "vae", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
-    assert seen == T.RECIPES["1h"] and seen["VAE_FG_FILL"] and seen["HN_EMPTY_EVERY"] == 5
+    for argv in (["--recipe", "1h"], []):  # named, and the default
+        for k, v in before.items():
+            monkeypatch.setattr(T, k, v)
+        assert T.main(argv + ["--stages", "vae", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
+        assert seen[-1] == T.RECIPES["1h"] and seen[-1]["VAE_FG_FILL"] and seen[-1]["HN_EMPTY_EVERY"] == 5
+    for k, v in before.items():
+        monkeypatch.setattr(T, k, v)
+    assert T.main(["--recipe", "2h", "--stages", "vae", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
+    assert seen[-1] == before and seen[-1] != T.RECIPES["1h"]
     with pytest.raises(SystemExit):
         T.main(["--recipe", "3h", "--stages", "vae"])
 
@@ -349,12 +361,11 @@ def test_step_time_times_a_training_step(capsys, monkeypatch):
     assert "fp8" in capsys.readouterr().err
 
 
-def test_quick_recipe_1h_runs_the_extra_vae_phases(tmp_path):
+def test_quick_default_recipe_runs_the_extra_vae_phases(quick_model):
     """Through the command line, with the real held-out score: an untrained VAE (--quick) is far
-    below recipe 1h's VAE_TARGET, so both extra phases run (2 and 3: --quick has two fixed ones)
-    and the stage still writes its VAE."""
-    r = subprocess.run([sys.executable, "-m", "examples.shapes.train", "--quick", "--recipe", "1h", "--stages", "vae",
-                        "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")],
-                       cwd=ROOT, timeout=600, capture_output=True, text=True, check=True)
-    assert "extra phase 2" in r.stdout and "extra phase 3" in r.stdout and "extra phase 4" not in r.stdout, r.stdout
-    assert (tmp_path / "w" / "vae.pt").exists()
+    below the default recipe's VAE_TARGET, so both extra phases run (2 and 3: --quick has two
+    fixed ones) and the stage still writes its VAE."""
+    log = (quick_model.parent / "train.log").read_text()
+    assert "recipe 1h" in log
+    assert "extra phase 2" in log and "extra phase 3" in log and "extra phase 4" not in log, log
+    assert (quick_model.parent / "work" / "vae.pt").exists()
