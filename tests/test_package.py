@@ -8,8 +8,6 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import pytest
-
 import fastdiff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +53,6 @@ def test_kernels_install_under_fastdiff_namespace():
     assert Path(tk.__file__).parent == ROOT / "triton_kernels"
 
 
-@pytest.mark.slow
 def test_wheel_layout(tmp_path):
     """The wheel ships our kernels as fastdiff/triton_kernels and no top-level triton_kernels
     (Triton's own repository publishes a package of that name)."""
