@@ -93,18 +93,8 @@ class KVHook:
         for hn, s in self.pairs:
             if isinstance(s, float) and s == 0.0:
                 continue
-            k, v = apply_hypernetwork(hn, k, v, s)
+            k, v = hn.apply_kv(k, v, s)
         return k, v
-
-
-def apply_hypernetwork(hn, ctx_k, ctx_v, strength):
-    """One hypernetwork's residual MLPs on (ctx_k, ctx_v) at `strength`; the identity for a
-    context width it has no modules for."""
-    width = str(ctx_k.shape[-1])
-    if width not in hn.layers:
-        return ctx_k, ctx_v
-    mk, mv = hn.layers[width]
-    return mk(ctx_k, strength), mv(ctx_v, strength)
 
 
 def set_kv_hook(unet, hook) -> None:

@@ -156,7 +156,7 @@ class Pipeline:
             self.hypernetworks.clear()
 
     def _read_hypernetwork(self, path, strength):
-        from fastdiff.formats import load_hypernetwork
+        from fastdiff.addons import load_hypernetwork
 
         hn = load_hypernetwork(os.fspath(path), strength=float(strength))
         ctx_widths = {m.to_k.in_features for m in self.unet.attention_modules()}

@@ -1,8 +1,8 @@
 """The CUDA-graph fast path (fastdiff/graphs.py).
 
 On CPU the graph's body runs eagerly on its static buffers (`capture=False`): that checks the
-buffer logic (input scaling, timestep, guidance coefficients, context, hypernetwork strengths
-read from device scalars) against the plain Denoiser. On CUDA: the captured graph against the
+buffer logic (row buckets, per-row timesteps and contexts, hypernetwork strengths read from
+device scalars) against the eager BatchDenoiser. On CUDA: the captured graph against the
 eager fp16 path, the fp16 path against fastdiff's fp32 path (PSNR), warm-up, re-use without
 re-capture, and concurrent calls.
 """
@@ -147,8 +147,8 @@ def test_cuda_concurrent_calls(model_dir):
         t.start()
     for t in threads:
         t.join()
-    for a, b in zip(results, serial):
-        assert torch.equal(a, b)
+    for a, b in zip(results, serial):  # batched with each other: equal within fp16 rounding
+        assert C.rel_err(a, b) <= 1e-3
 
 
 def test_channels_last_unet_matches(model_dir):
