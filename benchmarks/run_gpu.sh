@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in order of importance, each step time-boxed so the others
-# still run: build, launch-parameter sweeps (SWEEP=gn,ln,attn, off by default), CUDA tests
-# (kernels, ops, graphs; TESTS=tests for all), pipeline benchmark vs diffusers, kernel benchmark.
-# Logs and result JSON go to $OUT (default ./gpu-out). Needs torch with CUDA, triton,
-# pybind11, scikit-build-core, transformers and diffusers (carry wheels in .whl/).
+# The measurements on a machine with a CUDA GPU, in order of importance, each step time-boxed so
+# the others still run: build, launch-parameter sweeps (SWEEP=gn,ln,attn, off by default), CUDA
+# tests (kernels, ops, graphs; TESTS=tests for all), pipeline benchmark vs diffusers, kernel
+# benchmark. Logs and result JSON go to $OUT (default ./gpu-out); set FASTDIFF_COMMIT so the
+# results record the commit measured. Needs torch with CUDA, triton, pybind11,
+# scikit-build-core, transformers and diffusers; wheels placed in .whl/ are installed first
+# (without an index), for machines that cannot reach one.
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
