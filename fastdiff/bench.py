@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import math
 import os
@@ -80,54 +79,19 @@ TINY_CLIP = {**SD15_CLIP, "hidden_size": 64, "intermediate_size": 128, "num_hidd
 # ---------------------------------------------------------------------------------- model
 
 
-def write_vocab(d: Path) -> None:
-    """vocab.json + merges.txt for transformers' CLIPTokenizer, from the BPE file fastdiff ships
-    (OpenAI CLIP's definition of the vocabulary)."""
-    from fastdiff.tokenizer import DEFAULT_BPE_PATH
-
-    lines = gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    alphabet = [chr(c) for c in cs]
-    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>"}))
-
-
 def build_model_folder(root: Path, tiny: bool) -> Path:
-    """A diffusers StableDiffusionPipeline folder with random weights (seeded), fp16 on disk."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A diffusers StableDiffusionPipeline folder with random weights (seeded), fp16 on disk
+    (fp32 for the tiny CPU configuration); kept and reused if `root` already holds one."""
+    from fastdiff.random_model import write_random_model
 
     if (root / "model_index.json").exists():
         return root
-    torch.manual_seed(0)
-    dtype = torch.float32 if tiny else torch.float16
-    UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET)).to(dtype).save_pretrained(root / "unet")
-    AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE)).to(dtype).save_pretrained(root / "vae")
-    CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if tiny else SD15_CLIP))).to(dtype).save_pretrained(root / "text_encoder")
-    write_vocab(root / "tokenizer")
-    (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+    configs = {"unet": TINY_UNET if tiny else SD15_UNET, "vae": TINY_VAE if tiny else SD15_VAE,
+               "text_encoder": TINY_CLIP if tiny else SD15_CLIP}
+    write_random_model(str(root), configs, seed=0, dtype=torch.float32 if tiny else torch.float16, scheduler={
         "_class_name": "EulerAncestralDiscreteScheduler", "beta_schedule": "scaled_linear",
         "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-        "prediction_type": "epsilon", "timestep_spacing": "linspace"}))
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False}))
+        "prediction_type": "epsilon", "timestep_spacing": "linspace"})
     return root
 
 

@@ -85,6 +85,22 @@ def read_bpe_merges(path: str | Path = DEFAULT_BPE_PATH) -> list[tuple[str, str]
     return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
 
 
+def write_clip_vocab(folder: str | Path, pad_token: str = EOS_TOKEN) -> str:
+    """Write CLIP's vocabulary as a diffusers `tokenizer/` folder (vocab.json, merges.txt,
+    tokenizer_config.json), derived from the shipped bpe file: what transformers' CLIPTokenizer
+    and `CLIPTokenizer.from_folder` read. `pad_token`: "<|endoftext|>" (SD 1.x) or "!" (SD 2.x)."""
+    merges = read_bpe_merges()
+    vocab = clip_vocab_from_merges(merges)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": CONTEXT_LENGTH, "pad_token": pad_token}), encoding="utf-8")
+    return str(folder)
+
+
 class CLIPTokenizer:
     """CLIP BPE tokenizer. `pad_id` is 49407 (end token) for SD 1.x, 0 ("!") for SD 2.x.
 

@@ -5,18 +5,14 @@
 A model of any native size for format and speed checks (the trained model that ships is
 fastdiff/data/shapes-model, 64x64): it exercises every part (CLIP tokenizer and text encoder,
 cross-attention UNet, KL VAE, sampler, PNG writer) and produces noise-like pictures. Built
-with fastdiff's own model code (torch's default initialisation, seeded), saved fp32
-safetensors in the layout `save_pretrained` writes, so diffusers can open it too.
+with fastdiff's own model code (torch's default initialisation, seeded) by
+fastdiff.random_model.write_random_model, saved fp32 safetensors in the layout
+`save_pretrained` writes, so diffusers can open it too.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-
-import torch
-from safetensors.torch import save_file
 
 
 def configs(size: int) -> dict:
@@ -44,35 +40,11 @@ def configs(size: int) -> dict:
 
 
 def write(out: str, size: int = 256, seed: int = 0) -> str:
-    from fastdiff.models.clip import CLIPTextEncoder
-    from fastdiff.models.unet import UNet2DCondition
-    from fastdiff.models.vae import AutoencoderKL
+    from fastdiff.random_model import write_random_model
 
     if size % 64:
         raise SystemExit(f"--size must be a multiple of 64, got {size}")
-    cfg = configs(size)
-    torch.manual_seed(seed)
-    modules = {"unet": UNet2DCondition(cfg["unet"]), "vae": AutoencoderKL(cfg["vae"]),
-               "text_encoder": CLIPTextEncoder(cfg["text_encoder"])}
-    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors"}
-    for name, module in modules.items():
-        d = os.path.join(out, name)
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(cfg[name], f, indent=2)
-        sd = {k: v.contiguous() for k, v in module.state_dict().items()}
-        save_file(sd, os.path.join(d, files[name]), metadata={"format": "pt"})
-    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
-                   "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-                   "prediction_type": "epsilon"}, f, indent=2)
-    with open(os.path.join(out, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                   "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f, indent=2)
-    return out
+    return write_random_model(out, configs(size), seed=seed)
 
 
 def main(argv=None) -> int:

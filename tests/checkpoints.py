@@ -6,9 +6,7 @@ fastdiff's reader, and is itself checked against diffusers' own LDM -> diffusers
 from __future__ import annotations
 
 import functools
-import gzip
 import json
-import math
 import os
 import re
 from collections import OrderedDict
@@ -16,22 +14,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from fastdiff.random_model import randomize_
+from fastdiff.tokenizer import write_clip_vocab
+
 # ------------------------------------------------------------------------------ random models
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Re-draw every parameter so that no weight is at its (often zero/one) default."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def tiny_unet_config(family: str = "sd1", in_channels: int = 4) -> dict:
@@ -319,37 +305,6 @@ def save_diffusers_folder(root: str, unet, vae, clip, *, prediction_type="epsilo
     with open(os.path.join(d, "vocab.json"), "w") as f:
         json.dump({"!": 0, "<|startoftext|>": 49406, "<|endoftext|>": 49407}, f)
     return root
-
-
-def write_clip_vocab(folder, pad_token="<|endoftext|>") -> str:
-    """vocab.json + merges.txt (+ tokenizer_config.json) of OpenAI CLIP's vocabulary, derived
-    from the bpe file fastdiff ships the way CLIP defines it (byte alphabet, alphabet + "</w>",
-    the first 48894 merges, then the two special tokens): a folder transformers'
-    CLIPTokenizer and fastdiff's CLIPTokenizer.from_folder both read."""
-    from fastdiff.tokenizer import DEFAULT_BPE_PATH
-
-    lines = gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    alphabet = [chr(c) for c in cs]
-    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = str(folder)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model_max_length": 77, "pad_token": pad_token}, f)
-    return folder
 
 
 def real_vocab_clip_config(width=64, layers=2) -> dict:

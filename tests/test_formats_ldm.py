@@ -227,7 +227,8 @@ def test_standalone_vae(files, tmp_path, layout):
 def test_vae_without_mid_attention(tmp_path):
     """diffusers' mid_block_add_attention=False VAEs (fastdiff's shapes model) export without the
     mid-block attention keys; the loader reads that off the keys, for files and whole models."""
-    from checkpoints import randomize_, tiny_vae_config
+    from checkpoints import tiny_vae_config
+    from fastdiff.random_model import randomize_
 
     ref = randomize_(AutoencoderKL(**tiny_vae_config(), mid_block_add_attention=False), 12)
     assert not any(".attentions." in k for k in ref.state_dict())

@@ -1,10 +1,9 @@
 """CLIPTextEncoder vs transformers' CLIPTextModel: clip_skip 1 and 2, and the inputs_embeds path."""
-import math
-
 import pytest
 import torch
 
 from fastdiff.models import CLIPTextEncoder
+from fastdiff.random_model import randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,18 +18,6 @@ SD2 = dict(SD1, hidden_size=80, num_attention_heads=5, intermediate_size=320, hi
 @pytest.fixture(autouse=True)
 def _torch_ops(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "torch")
-
-
-def randomize_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def rel_err(out, ref):

@@ -11,6 +11,7 @@ from torch import nn
 
 from fastdiff import ops
 from fastdiff.models import UNet2DCondition
+from fastdiff.random_model import randomize_
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -32,18 +33,6 @@ INPAINT = dict(SD1, in_channels=9)
 @pytest.fixture(autouse=True)
 def _torch_ops(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "torch")
-
-
-def randomize_(module: nn.Module, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def rel_err(out, ref):

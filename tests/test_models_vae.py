@@ -1,10 +1,9 @@
 """AutoencoderKL vs diffusers' AutoencoderKL: encode moments, the latent distribution, decode."""
-import math
-
 import pytest
 import torch
 
 from fastdiff.models import AutoencoderKL
+from fastdiff.random_model import randomize_
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -19,18 +18,6 @@ NO_ATTN = dict(SMALL, mid_block_add_attention=False, use_quant_conv=False, use_p
 @pytest.fixture(autouse=True)
 def _torch_ops(monkeypatch):
     monkeypatch.setenv("FASTDIFF_OPS", "torch")
-
-
-def randomize_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def rel_err(out, ref):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastdiff import tokenizer as tokmod
-from checkpoints import write_clip_vocab
-from fastdiff.tokenizer import CLIPTokenizer
+from fastdiff.tokenizer import CLIPTokenizer, write_clip_vocab
 
 BOS, EOS = 49406, 49407
 
