@@ -252,7 +252,7 @@ def test_embedding_vectors_sit_where_the_pipeline_puts_them(n):
 
 def test_hypernetwork_stage_writes_its_layer_structure(quick_model, tmp_path, monkeypatch):
     """HN_LAYERS reaches the A1111 file: the loader rebuilds that structure and its weights."""
-    from fastdiff.formats.hypernetwork import load_hypernetwork
+    from fastdiff.addons import load_hypernetwork
 
     for k, v in {"HN_LAYERS": (1, 3, 1), "HN_STEPS": 1, "HN_IMAGES": 8, "HN_BATCH": 2}.items():
         monkeypatch.setattr(T, k, v)

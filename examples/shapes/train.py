@@ -621,7 +621,7 @@ def _fit_addon(name, params, lr, steps, batch, seed, unet, mean, std, weight, co
 
 
 def train_hypernetwork(work, out, seed):
-    from fastdiff.formats.hypernetwork import Hypernetwork, HypernetworkModule
+    from fastdiff.models.hypernetwork import Hypernetwork, HypernetworkModule
 
     vae, (te, unet), vocab = load_vae(work), load_unet_text(work, seed), Vocab()
     te.to(DEVICE)
