@@ -1,6 +1,6 @@
 """fastdiff against the PyTorch baseline (diffusers StableDiffusionPipeline, fp16, SDPA) on
 identical random weights with the real SD 1.5 architecture (UNet 860M, KL VAE, CLIP ViT-L/14
-text encoder; random weights because none can be downloaded here).
+text encoder; random weights, so nothing is downloaded).
 
 Rows, each measured side by side in one process (CUDA events or synchronised wall clock,
 median of several runs after warm-up):
@@ -297,7 +297,7 @@ def memory_child(which: str, root: Path, tiny: bool) -> int:
 
 
 def _git_commit():
-    # FASTDIFF_COMMIT wins: a copied working tree (a device machine's) may carry a stale .git.
+    # FASTDIFF_COMMIT wins: a copied working tree may carry a stale .git.
     if os.environ.get("FASTDIFF_COMMIT"):
         return os.environ["FASTDIFF_COMMIT"]
     try:
