@@ -17,6 +17,7 @@ Everything that depends on sigma alone is computed on the host in float64 from P
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -25,7 +26,8 @@ import torch
 from fastdiff import ops
 from fastdiff._core import ModelSchedule
 
-__all__ = ["ModelSchedule", "Conditioning", "BatchDenoiser", "output_coefficients", "KVHook"]
+__all__ = ["ModelSchedule", "Conditioning", "BatchDenoiser", "output_coefficients", "KVHook",
+           "hypernetworks_applied"]
 
 
 def output_coefficients(prediction_type: str, sigma: float, g: float, cfg: bool) -> list[float]:
@@ -59,7 +61,7 @@ class Conditioning:
     key: tuple = field(init=False)
 
     def __post_init__(self):
-        if (self.uncond is None) != (self.guidance == 1.0):
+        if (self.uncond is not None) != self.uses_uncond(self.guidance):
             raise ValueError("an uncond context is needed exactly when guidance != 1")
         if self.uncond is not None and self.uncond.shape != self.cond.shape:
             raise ValueError(f"cond {list(self.cond.shape)} and uncond {list(self.uncond.shape)} contexts differ in shape")
@@ -67,6 +69,11 @@ class Conditioning:
         # and the same hypernetworks at the same strengths apply to every row.
         self.key = (tuple(self.cond.shape[1:]), 0 if self.extra is None else self.extra.shape[1],
                     tuple((id(h), float(s)) for h, s in self.hypernetworks))
+
+    @staticmethod
+    def uses_uncond(guidance: float) -> bool:
+        """Guidance 1 is the conditional prediction alone: no uncond row is computed."""
+        return guidance != 1.0
 
     @property
     def cfg(self) -> bool:
@@ -97,9 +104,18 @@ class KVHook:
         return k, v
 
 
-def set_kv_hook(unet, hook) -> None:
+@contextlib.contextmanager
+def hypernetworks_applied(unet, pairs):
+    """The UNet's attentions run `pairs` ((module, strength), ...) as their kv_hook inside the
+    block, and nothing after it (eager calls and graph captures both go through here)."""
+    hook = KVHook(pairs) if pairs else None
     for m in unet.attention_modules():
         m.kv_hook = hook
+    try:
+        yield
+    finally:
+        for m in unet.attention_modules():
+            m.kv_hook = None
 
 
 class BatchDenoiser:
@@ -156,13 +172,10 @@ class BatchDenoiser:
         if self.graphs is not None:
             out = self.graphs.run(self.unet, x_in, t, ctx, pairs)
         else:
-            set_kv_hook(self.unet, KVHook(pairs) if pairs else None)
-            try:
+            with hypernetworks_applied(self.unet, pairs):
                 if self.channels_last:
                     x_in = x_in.contiguous(memory_format=torch.channels_last)
                 out = self.unet(x_in, t, ctx)
-            finally:
-                set_kv_hook(self.unet, None)
         self.calls += 1
         self.rows_run += out.shape[0]
         results, r = [], 0

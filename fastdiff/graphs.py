@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 import torch
 
-from fastdiff.denoiser import KVHook, set_kv_hook
+from fastdiff.denoiser import hypernetworks_applied
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -48,7 +48,6 @@ class UNetGraph:
         self.context = torch.zeros(rows, *context_shape, device=self.device, dtype=dtype)
         self.hypernetworks = list(hypernetworks)
         self.strengths = [torch.zeros((), device=self.device, dtype=torch.float32) for _ in self.hypernetworks]
-        self.hook = KVHook(zip(self.hypernetworks, self.strengths)) if self.hypernetworks else None
         self.graph = None
         self.out = None
         self.replays = 0
@@ -56,12 +55,9 @@ class UNetGraph:
             self._capture(pool)
 
     def _body(self) -> torch.Tensor:
-        set_kv_hook(self.unet, self.hook)
-        try:
+        with hypernetworks_applied(self.unet, list(zip(self.hypernetworks, self.strengths))):
             x = self.x.contiguous(memory_format=torch.channels_last) if self.channels_last else self.x
             return self.unet(x, self.t, self.context)
-        finally:
-            set_kv_hook(self.unet, None)
 
     def _capture(self, pool) -> None:
         # Warm up on a side stream (Triton compiles and autotunes here, cuBLAS picks its

@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ from fastdiff.request import (Request, check_request, convert, hn_pairs, img2img
 from fastdiff.results import GenerationResult, parameters_text
 
 __all__ = ["Pipeline", "ModelInfo", "GenerationHandle", "Cancelled"]
+
+CONTEXT_CACHE = 256  # prompt contexts kept per pipeline
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Pipeline:
         self.embeddings: dict[str, torch.Tensor] = {}  # name -> [n, dim]
         self.hypernetworks: list = []  # loaded with load_hypernetwork: applied on every call
         self._call_hns: dict = {}  # (path, k) -> k-th hypernetwork module of that file named in a call
+        self._contexts: OrderedDict = OrderedDict()  # (text, chunks, clip_skip, embeddings) -> [1, 77k, dim]
+        self._embeddings_version = 0
         self._lock = threading.RLock()  # guards the add-on tables above
         cuda = self.device.type == "cuda"
         if cuda_graphs is None:
@@ -120,6 +125,23 @@ class Pipeline:
             z = self.text_encoder(inputs_embeds=embeds.view(B * k, -1, dim), clip_skip=clip_skip)
             return P.apply_emphasis(z.reshape(B, -1, dim), bt.weights)  # [B, 77k, dim]
 
+    def _context(self, text: str, clip_skip: int, n_chunks: int) -> torch.Tensor:
+        """One prompt's context [1, 77k, dim], encoded alone (so it is the same whatever else a
+        call holds) and kept in a small LRU cache: a service sees the same negative prompts
+        again and again."""
+        with self._lock:
+            key = (text, n_chunks, clip_skip, self._embeddings_version)
+            ctx = self._contexts.get(key)
+            if ctx is not None:
+                self._contexts.move_to_end(key)
+                return ctx
+        ctx = self.encode_prompt([text], clip_skip, n_chunks=n_chunks)
+        with self._lock:
+            self._contexts[key] = ctx
+            while len(self._contexts) > CONTEXT_CACHE:
+                self._contexts.popitem(last=False)
+        return ctx
+
     def _chunk_count(self, text: str) -> int:
         from fastdiff import prompts as P
 
@@ -139,6 +161,7 @@ class Pipeline:
         emb.check_width(self.text_encoder.config.hidden_size)
         with self._lock:
             self.embeddings[emb.name] = emb.vectors.to(self.device, self.dtype)
+            self._embeddings_version += 1
         return emb.name
 
     def load_hypernetwork(self, path, strength: float = 1.0):
@@ -220,25 +243,18 @@ class Pipeline:
         for item in embeddings:
             self.load_embedding(item)
         stack = self._hypernetwork_stack(req.hypernetworks)
-        cfg = req.guidance_scale != 1.0
+        cfg = Conditioning.uses_uncond(req.guidance_scale)
         sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
         if init is not None:  # the last steps of the full schedule, from the encoded image
             sig = sig[req.steps - img2img_steps(req.strength, req.steps):]
         sig = sig.tolist()
 
         with self.engine.device_lock.shared(), torch.inference_mode():
-            contexts = {}  # (text, chunks) -> [1, 77k, dim]; each prompt encoded alone
-
-            def context(text, k):
-                if (text, k) not in contexts:
-                    contexts[text, k] = self.encode_prompt([text], req.clip_skip, n_chunks=k)
-                return contexts[text, k]
-
             conds = []
             for p, q in zip(req.prompts, req.negs):
                 # cond and uncond rows share a UNet call: both get the larger chunk count
                 k = max(self._chunk_count(p), self._chunk_count(q) if cfg else 1)
-                conds.append((context(p, k), context(q, k) if cfg else None))
+                conds.append((self._context(p, req.clip_skip, k), self._context(q, req.clip_skip, k) if cfg else None))
             x0 = self.encode_images(init.to(self.device)) if init is not None else None  # [1, C, h, w]
             extra = self._inpainting_extra(shape)
             hn_text = ", ".join(f"{h.name}:{s:g}" for h, s in stack)
