@@ -159,3 +159,22 @@ def test_channels_last_unet_matches(model_dir):
     assert cl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     kw = dict(ARGS, seed=9, num_images=2)
     assert C.rel_err(cl("a red circle", **kw).images, ref("a red circle", **kw).images) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_join_mid_way_replays_bucket_graphs(model_dir):
+    """A request joining a running batch on CUDA: equal to its solo run within fp16 rounding,
+    and the batch-size changes replay the row buckets' graphs instead of capturing new ones."""
+    pipe = fastdiff.load(model_dir, device="cuda", dtype=torch.float16)
+    kw = dict(ARGS, steps=12)
+    alone_a = pipe("a red circle", seed=1, **kw).images
+    alone_b = pipe("a blue square", seed=2, guidance_scale=3.0, **{**kw, "steps": 5}).images
+    captures = pipe.graphs.captures
+    ha = pipe.submit("a red circle", seed=1, **kw)
+    while ha.progress()["steps_done"] < 3:
+        pass
+    hb = pipe.submit("a blue square", seed=2, guidance_scale=3.0, **{**kw, "steps": 5})
+    a, b = ha.result(timeout=120).images, hb.result(timeout=120).images
+    assert max(pipe.engine.batches[-20:]) == 2  # they shared UNet calls
+    assert pipe.graphs.captures - captures <= 1  # at most the 4-row bucket was new
+    assert C.rel_err(a, alone_a) <= 1e-3 and C.rel_err(b, alone_b) <= 1e-3
