@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import _core
+from fastdiff._core import alphas_cumprod as _alphas_cumprod
 from fastdiff.formats import FormatError, ModelSource, load_into, open_model, open_vae
 from fastdiff.pipeline import ModelInfo, Pipeline
 from fastdiff.request import check_request
@@ -36,7 +36,7 @@ def alphas_cumprod(scheduler: dict) -> np.ndarray:
     """The training noise schedule from a diffusers scheduler config, in float64."""
     trained = scheduler.get("trained_betas")
     try:
-        return np.asarray(_core.alphas_cumprod(
+        return np.asarray(_alphas_cumprod(
             str(scheduler.get("beta_schedule", "scaled_linear")), float(scheduler.get("beta_start", 0.00085)),
             float(scheduler.get("beta_end", 0.012)), int(scheduler.get("num_train_timesteps", 1000)),
             [float(b) for b in trained] if trained is not None else []), dtype=np.float64)
