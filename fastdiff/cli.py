@@ -122,7 +122,7 @@ def _cmd_info(args) -> int:
     except F.FormatError as e:
         model_error = e
     # Not a whole model: one of the add-ons `generate` takes, or a standalone VAE.
-    for read, show in ((F.load_hypernetwork, _hypernetwork_lines), (F.load_embedding, _embedding_lines),
+    for read, show in ((F.read_hypernetwork, _hypernetwork_lines), (F.load_embedding, _embedding_lines),
                        (F.open_vae, _vae_lines)):
         try:
             found = read(args.path)
@@ -133,9 +133,9 @@ def _cmd_info(args) -> int:
     raise model_error
 
 
-def _hypernetwork_lines(hn):
-    return [f"kind:        hypernetwork ({hn.info.get('format', 'A1111')})", f"name:        {hn.name}",
-            f"widths:      {hn.dims}", f"params:      {sum(p.numel() for p in hn.parameters()):,}"]
+def _hypernetwork_lines(hf):
+    return [f"kind:        hypernetwork ({hf.config['format']})", f"name:        {hf.name}",
+            f"widths:      {hf.dims}", f"params:      {hf.num_params():,}"]
 
 
 def _embedding_lines(emb):

@@ -22,20 +22,6 @@ __all__ = [
 ]
 
 
-# TEMPORARY re-export for pipeline.py, removed when it switches
-# (to fastdiff.addons.load_hypernetwork and fastdiff.models.hypernetwork.HypernetworkStack).
-def __getattr__(name):
-    if name == "load_hypernetwork":
-        from fastdiff.addons import load_hypernetwork
-
-        return load_hypernetwork
-    if name in ("Hypernetwork", "HypernetworkModule", "HypernetworkStack"):
-        from fastdiff.models import hypernetwork
-
-        return getattr(hypernetwork, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def open_model(path: str, config: dict | None = None) -> ModelSource:
     """A whole SD 1.x/2.x model: a diffusers pipeline folder or an LDM single-file checkpoint.
     `config` overrides what was read or inferred: {'prediction_type': ..., 'family': 'sd1'|'sd2',

@@ -143,17 +143,3 @@ def read_hypernetwork(path: str, name: str | None = None) -> HypernetworkFile:
         state_dicts[dim] = tuple(checked)
     hn_name = name or data.get("name") or os.path.splitext(os.path.basename(path))[0]
     return HypernetworkFile(str(hn_name), config, state_dicts)
-
-
-# TEMPORARY re-export for examples/shapes/train.py and tests/test_shapes_train.py, removed when
-# they import from fastdiff.models.hypernetwork and fastdiff.addons.
-def __getattr__(name):
-    if name == "load_hypernetwork":
-        from fastdiff.addons import load_hypernetwork
-
-        return load_hypernetwork
-    if name in ("Hypernetwork", "HypernetworkModule", "HypernetworkStack"):
-        from fastdiff.models import hypernetwork
-
-        return getattr(hypernetwork, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
