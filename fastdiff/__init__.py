@@ -5,7 +5,8 @@ Public surface: ``load()``, ``generate()``, ``Pipeline``. Heavy modules import l
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from fastdiff._version import __version__
+
 __all__ = ["load", "generate", "Pipeline", "__version__"]
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastdiff import __version__, sampling
+from fastdiff import sampling
+from fastdiff._version import __version__
 from fastdiff.denoiser import BatchDenoiser, Conditioning, ModelSchedule
 from fastdiff.engine import Cancelled, Engine, Job
 from fastdiff.graphs import GraphCache
