@@ -298,3 +298,74 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, chunk_length: int = C
     keep = (w == 1).all(dim=(2, 3), keepdim=True) | (after == 0)
     ratio = torch.where(keep, torch.ones_like(after), before / after)
     return (weighted * ratio).reshape(B, L, dim).to(z.dtype)
+
+
+# ---------------------------------------------------------------------- extra networks
+
+# A1111's extra-network tags (modules/extra_networks.py): `<kind:name[:arg...]>`, e.g.
+# `<hypernet:anime:0.8>` or `<lora:style:0.7:0.5>`. They are removed from the text before it is
+# tokenized; what is left (spaces, commas around the tag) stays as written, as in A1111.
+_EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
+
+
+def parse_extra_networks(text: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """-> (text without the tags, [(kind, name, [args...]), ...]) in the order written.
+
+    >>> parse_extra_networks("a cat <hypernet:ink:0.5>")
+    ('a cat ', [('hypernet', 'ink', ['0.5'])])
+    """
+    found = []
+
+    def take(m):
+        name, *args = m.group(2).split(":")
+        found.append((m.group(1), name, args))
+        return ""
+
+    return _EXTRA_NETWORK_RE.sub(take, text), found
+
+
+HYPERNETWORK_EXTENSIONS = (".pt", ".safetensors", ".ckpt", ".bin")
+
+
+def resolve_in_dir(directory, name: str, extensions=HYPERNETWORK_EXTENSIONS, *, what: str = "file") -> str:
+    """The file `name` (with or without its extension) directly inside `directory`. A name
+    with a path separator, `..` or a drive is refused: names never reach outside the folder."""
+    import os
+
+    if not name or name in (".", "..") or any(c in name for c in "/\\:\0") or os.path.isabs(name):
+        raise ValueError(f"{what} name {name!r} is refused: give a name inside the folder, not a path")
+    entries = {e.name: e.path for e in os.scandir(directory) if e.is_file()}
+    for candidate in (name, *(name + ext for ext in extensions)):
+        if candidate in entries and candidate.lower().endswith(tuple(extensions)):
+            return entries[candidate]
+    raise ValueError(f"unknown {what} {name!r}; {directory} has none of that name")
+
+
+def hypernetwork_tags(prompt, directory):
+    """Take `<hypernet:NAME[:MULTIPLIER]>` tags out of a prompt (or each prompt of a list) and
+    resolve each NAME inside `directory`. -> (prompt(s) without them, [(path, multiplier)]).
+    A name tagged twice is applied once, at its first multiplier. Other kinds of tag are an
+    error: this engine has nothing to apply them with."""
+    import math
+
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    cleaned, pairs, seen = [], [], set()
+    for text in texts:
+        if not isinstance(text, str):
+            return prompt, []  # check_request names the bad prompt
+        text, tags = parse_extra_networks(text)
+        cleaned.append(text)
+        for kind, name, args in tags:
+            if kind != "hypernet":
+                raise ValueError(f"prompt: <{kind}:...> extra networks are not supported (only <hypernet:...>)")
+            try:
+                multiplier = float(args[0]) if args and args[0] != "" else 1.0
+            except ValueError:
+                raise ValueError(f"prompt: <hypernet:{name}:...> multiplier {args[0]!r} is not a number") from None
+            if not math.isfinite(multiplier):
+                raise ValueError(f"prompt: <hypernet:{name}:...> multiplier must be finite, got {args[0]!r}")
+            path = resolve_in_dir(directory, name, what="hypernetwork")
+            if path not in seen:
+                seen.add(path)
+                pairs.append((path, multiplier))
+    return (cleaned[0] if isinstance(prompt, str) else cleaned), pairs
