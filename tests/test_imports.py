@@ -4,8 +4,6 @@ models never import formats, formats never import models."""
 from __future__ import annotations
 
 import ast
-import importlib.machinery
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,6 @@ def _modules() -> dict[str, tuple[Path, bool]]:
                 parts = parts[:-1]
             out[".".join([pkg, *parts])] = (path, is_pkg)
     return out
-
-
-def _is_extension(name: str) -> bool:
-    """A compiled submodule (fastdiff._core): importing it runs none of our Python."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return False
-    origin = (spec.origin or "") if spec is not None else ""
-    return origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def _resolve(name: str, modules) -> str | None:
@@ -69,7 +57,7 @@ def import_graph() -> dict[str, set[str]]:
                     origin = node.module or ""
                 # `from pkg import sub` imports the submodule pkg.sub; `from mod import f`, mod.
                 names = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in modules else origin
-                         for a in node.names if not _is_extension(f"{origin}.{a.name}")]
+                         for a in node.names if f"{origin}.{a.name}" not in COMPILED]
             for n in names:
                 if any(n == c or n.startswith(c + ".") for c in COMPILED):
                     continue
