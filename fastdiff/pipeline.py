@@ -217,7 +217,7 @@ class Pipeline:
                sampler="euler_ancestral", schedule="normal", seed=None, width=None,
                height=None, num_images=1, batch_size=None, hypernetworks=(), embeddings=(),
                clip_skip=1, init_image=None, strength=0.75, output_type="pil", callback=None,
-               eta=1.0, s_noise=1.0, progress=False, latents=None) -> "GenerationHandle":
+               eta=1.0, s_noise=1.0, progress=False, latents=None, hypernetwork_dir=None) -> "GenerationHandle":
         """Start generating and return at once with a handle: `.result()` waits for the
         GenerationResult, `.cancel()` stops the call's images at their next step,
         `.progress()` counts steps. Image i of the call uses seed + i whatever the batching;
@@ -225,7 +225,13 @@ class Pipeline:
         (path, strength) pairs for this call only; `embeddings`: embedding files to load
         first. `latents`: the initial noise [N, C, h, w] (unit variance) instead of the
         seeds'. `callback({i, x, sigma, denoised})` is called in the waiting thread after each
-        step of each batch of `batch_size` images (default: max_batch)."""
+        step of each batch of `batch_size` images (default: max_batch). `hypernetwork_dir`: a
+        folder; `<hypernet:NAME:MULTIPLIER>` in the prompt applies NAME from it (A1111's tag)."""
+        if hypernetwork_dir is not None and not isinstance(prompt, Request):
+            from fastdiff.prompts import hypernetwork_tags
+
+            prompt, tagged = hypernetwork_tags(prompt, hypernetwork_dir)
+            hypernetworks = [*hn_pairs(hypernetworks), *tagged]
         req = prompt if isinstance(prompt, Request) else check_request(
             prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
             sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
