@@ -164,9 +164,15 @@ _CACHE_LOCK = threading.Lock()
 
 
 def generate(prompt, *, model=None, device=None, dtype=None, embeddings=(), callback=None,
-             eta=1.0, s_noise=1.0, progress=False, latents=None, **kwargs):
+             eta=1.0, s_noise=1.0, progress=False, latents=None, hypernetwork_dir=None, **kwargs):
     """Load the model (once: the last one stays cached) and generate. Arguments as
     Pipeline.submit; they are checked before the model loads."""
+    if hypernetwork_dir is not None:  # <hypernet:NAME:MULTIPLIER> tags -> (path, multiplier)
+        from fastdiff.prompts import hypernetwork_tags
+        from fastdiff.request import hn_pairs
+
+        prompt, tagged = hypernetwork_tags(prompt, hypernetwork_dir)
+        kwargs["hypernetworks"] = [*hn_pairs(kwargs.get("hypernetworks", ())), *tagged]
     req = check_request(prompt, **kwargs)
     for e in embeddings:
         if not os.path.isfile(e):
