@@ -205,6 +205,7 @@ def test_strength_is_held_by_the_hypernetwork_only(hn_files):
     assert rel_err(mk(ctx, 0.25), ref(ctx, mods[64][0], 0.25)) <= 1e-6
     k, _ = hn.apply_kv(ctx, ctx, 0.25)  # an explicit strength wins over hn.strength
     assert rel_err(k, ref(ctx, mods[64][0], 0.25)) <= 1e-6
-    hn.strength_buffer = torch.tensor(0.75)  # as under a CUDA graph: the device scalar wins
-    k, _ = hn(ctx)
+    k, _ = hn.apply_kv(ctx, ctx, torch.tensor(0.75))  # a 0-dim tensor, as under a CUDA graph
     assert rel_err(k, ref(ctx, mods[64][0], 0.75)) <= 1e-6
+    k, _ = hn(ctx)  # no strength given: the hypernetwork's own
+    assert rel_err(k, ref(ctx, mods[64][0], 0.5)) <= 1e-6

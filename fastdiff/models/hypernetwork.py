@@ -12,8 +12,9 @@ activate_output), then LayerNorm (layer_norm), then a Dropout slot where the dro
 is non-zero. Dropout is inference-off: its slots are nn.Identity, so the parameter indices
 still line up with the checkpoint keys (linear.0.weight, linear.2.weight, ...).
 
-The strength lives on the Hypernetwork (`.strength`, or the device scalar `.strength_buffer`
-while a CUDA graph reads it); the modules take it as an argument. `Hypernetwork.from_state_dicts`
+A loaded hypernetwork's strength lives on the Hypernetwork (`.strength`); the modules take it as
+an argument, so a caller can apply one at another strength without touching it (the engine
+snapshots each call's strengths, and under a CUDA graph passes a 0-dim device tensor). `Hypernetwork.from_state_dicts`
 builds one from what fastdiff.formats.read_hypernetwork returns; fastdiff.addons.load_hypernetwork
 does both.
 """
@@ -78,7 +79,6 @@ class Hypernetwork(nn.Module):
         self.name = name
         self.strength = float(strength)
         self.info = info or {}
-        self.strength_buffer = None  # 0-dim device tensor while captured in a CUDA graph
         self.layers = nn.ModuleDict({str(d): nn.ModuleList(list(kv)) for d, kv in sorted(modules.items())})
         self.eval()
         self.requires_grad_(False)
@@ -105,12 +105,11 @@ class Hypernetwork(nn.Module):
         return [int(d) for d in self.layers]
 
     def apply_kv(self, ctx_k: torch.Tensor, ctx_v: torch.Tensor, strength=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ctx_k, ctx_v) through the modules for their width, at `strength` (None: this
-        hypernetwork's own: `strength_buffer` inside a CUDA graph, so changing it needs no
-        re-capture, else `.strength`)."""
+        """(ctx_k, ctx_v) through the modules for their width, at `strength` (a float or a 0-dim
+        device tensor; None: `.strength`)."""
         pair = self.layers[str(ctx_k.shape[-1])] if str(ctx_k.shape[-1]) in self.layers else None
         if strength is None:
-            strength = self.strength if self.strength_buffer is None else self.strength_buffer
+            strength = self.strength
         if pair is None or (not isinstance(strength, torch.Tensor) and strength == 0.0):
             return ctx_k, ctx_v
         return pair[0](ctx_k, strength), pair[1](ctx_v, strength)
