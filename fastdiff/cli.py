@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="reduced configuration (CPU smoke run)")
     b.add_argument("--compile", action="store_true", help="add torch.compile(diffusers UNet) as a second baseline")
     b.set_defaults(func=_cmd_bench)
+
+    from fastdiff.dataset.cli import add_parser as add_dataset_parser
+
+    add_dataset_parser(sub)  # `fastdiff dataset`: its parser sets func=fastdiff.dataset.cli.main
     p.epilog = f"fastdiff {__version__}. `fastdiff COMMAND --help` describes each command."
     return p
 
