@@ -381,10 +381,13 @@ class Vocab:
 
 
 def alphas_cumprod():
-    """SD's training schedule (scaled_linear: betas linear in sqrt space), in float64, then float32."""
+    """The model's training schedule, as the sampling core computes it from the scheduler
+    config the model ships with (float64 there, float32 here)."""
+    from fastdiff._core import alphas_cumprod as schedule
+
     c = SCHEDULER_CONFIG
-    betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"], dtype=np.float64) ** 2
-    return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    return torch.tensor(schedule(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"], []),
+                        dtype=torch.float32)
 
 
 def v_loss(unet, z, ctx, g, acp, weight=None):
