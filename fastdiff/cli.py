@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="reduced configuration (CPU smoke run)")
     b.add_argument("--compile", action="store_true", help="add torch.compile(diffusers UNet) as a second baseline")
     b.set_defaults(func=_cmd_bench)
+    from fastdiff.serve.cli import add_parser as add_serve_parser  # sets func: fastdiff.serve.cli.main
+    add_serve_parser(sub)
 
     from fastdiff.dataset.cli import add_parser as add_dataset_parser
 
