@@ -77,19 +77,26 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
         return JSONResponse({"detail": f"server busy: {e}; retry later", "error": "QueueFull"}, status_code=503,
                             headers={"Retry-After": "1"})
 
-    @app.middleware("http")
-    async def log_and_count(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
+    async def log_and_count(scope, receive, send, inner):
+        # A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's
+        # disconnect from request.is_disconnected().
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await inner(scope, receive, send_status)
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "other")
-            svc.metrics.requests.labels(path, str(status)).inc()
-            log.info("%s %s %d %.3f s", request.method, request.url.path, status, time.perf_counter() - t0)
+            path = getattr(scope.get("route"), "path", "other")
+            svc.metrics.requests.labels(path, str(status[0])).inc()
+            log.info("%s %s %d %.3f s", scope["method"], scope["path"], status[0], time.perf_counter() - t0)
+
+    app.add_middleware(_Wrap, around=log_and_count)
 
     # ------------------------------------------------------------------ generation
 
@@ -304,6 +311,14 @@ def create_app(config: ServeConfig | None = None, *, service: Service | None = N
 
     app.include_router(api)
     return app
+
+
+class _Wrap:
+    def __init__(self, app, around):
+        self.app, self.around = app, around
+
+    async def __call__(self, scope, receive, send):
+        await self.around(scope, receive, send, self.app)
 
 
 class BackgroundServer:
