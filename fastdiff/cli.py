@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per UNet batch (default: all at once, at most 8)")
     g.add_argument("--hypernetwork", type=_hypernetwork, action="append", default=[],
                    metavar="PATH[:STRENGTH]", help="an A1111 hypernetwork; repeat to stack")
+    g.add_argument("--hypernetwork-dir", default=None, metavar="DIR",
+                   help="folder for <hypernet:NAME:MULTIPLIER> tags in the prompt (A1111's syntax)")
     g.add_argument("--embedding", action="append", default=[], metavar="PATH",
                    help="a textual-inversion embedding, used by writing its name in the prompt")
     g.add_argument("--clip-skip", type=int, default=1, help="A1111 clip skip (default 1)")
@@ -105,6 +107,7 @@ def _cmd_generate(args) -> int:
         num_images=args.num,
         batch_size=args.batch_size,
         hypernetworks=tuple(args.hypernetwork),
+        hypernetwork_dir=args.hypernetwork_dir,
         embeddings=tuple(args.embedding),
         clip_skip=args.clip_skip,
         init_image=args.init_image,
