@@ -27,6 +27,8 @@ import itertools
 import threading
 from collections import deque
 
+import torch
+
 from fastdiff import sampling
 
 POLICIES = ("continuous", "static", "serial")
@@ -215,8 +217,9 @@ class Engine:
 
         output, error = None, None
         try:
-            output = sampling.sample(denoise, job.x, job.sigmas, job.sampler, noise_sampler=job.noise,
-                                     callback=callback, eta=job.eta, s_noise=job.s_noise)
+            with torch.inference_mode():  # thread-local: each worker thread sets its own
+                output = sampling.sample(denoise, job.x, job.sigmas, job.sampler, noise_sampler=job.noise,
+                                         callback=callback, eta=job.eta, s_noise=job.s_noise)
         except BaseException as e:  # handed to the caller, never lost in this thread
             error = e
         with self._cv:
@@ -264,7 +267,7 @@ class Engine:
                 return
             results, error = None, None
             try:
-                with self.device_lock.shared():
+                with self.device_lock.shared(), torch.inference_mode():
                     results = self.evaluate([(j.cond, *j.pending) for j in batch])
             except BaseException as e:  # the batch's jobs fail with it; the engine goes on
                 error = e
