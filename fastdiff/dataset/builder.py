@@ -1,9 +1,9 @@
 """`build()`: captions in, webdataset shards out, resumable.
 
 The captions are read and checked, planned into shards, and the shards not yet on disk are
-made by `worker.run_shards` in this process, or by Ray actors (`ray_data`). DIR/dataset.json records the arguments that decide the output: a rerun
-with the same ones skips the finished shards and redoes the rest; different ones are refused,
-naming what differs.
+made by `worker.run_shards` in this process, or by Ray actors (`ray_data`). DIR/dataset.json
+records the arguments that decide the output: a rerun with the same ones skips the finished
+shards and redoes the rest; different ones are refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -169,6 +169,7 @@ def build(captions, out, *, model=None, images_per_caption: int = 10, guidance_s
                 "startup_seconds": round(t_gen - t_start, 3),
                 "shards_skipped": len(finished), "partial_files_removed": partials,
                 "device": str(facts["device"]), "dtype": manifest["dtype"],
+                "torch_threads": _threads() if facts["device"].type == "cpu" else None,
                 "ray": None if not use_ray else (ray if isinstance(ray, str) else "default"),
                 "workers": workers if use_ray else None},
     }
@@ -248,6 +249,12 @@ def _show(key, value):
     if key == "size" and isinstance(value, list):
         return "x".join(map(str, value))
     return json.dumps(value, ensure_ascii=False)
+
+
+def _threads():
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _version():

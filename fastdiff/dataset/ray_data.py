@@ -2,11 +2,12 @@
 
 Each shard is one row of a Ray dataset (its index and its captions); `map_batches` sends rows
 to a pool of actors, each holding a loaded pipeline (one GPU each; on CPU, a share of the
-node's cores), which generate the shard with `run_shards` — the single-process code, so the
-bytes are the same — and write it to the output folder themselves. The driver only plans,
-counts and writes the index. Ray restarts a dead actor and reruns its task (Ray Data's
-defaults for actor pools); a shard is renamed into place only when whole, so a killed worker
-loses no finished shard and leaves at most a temporary file, removed by the next run.
+node's cores and this process's torch thread count), which generate the shard with
+`run_shards` — the single-process code, so the bytes are the same — and write it to the
+output folder themselves. The driver only plans, counts and writes the index. Ray restarts a
+dead actor and reruns its task (Ray Data's defaults for actor pools); a shard is renamed into
+place only when whole, so a killed worker loses no finished shard and leaves at most a
+temporary file, removed by the next run.
 """
 from __future__ import annotations
 
@@ -76,13 +77,19 @@ def run(todo, spec, out, *, model, device, dtype, workers, cpus, on_images=None)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # build() draws its own, in images
+    import torch
+
     cuda = device.startswith("cuda")
-    # on CPU the node's cores are shared out; torch uses as many threads as its actor has cores
-    threads = None if cuda else max(1, cpus // workers)
+    # On the CPU a float sum's rounding depends on how torch splits it over threads, so every
+    # actor uses the thread count this process (and so a single-process run here) uses: the
+    # same bytes whatever the number of workers. Ray reserves a share of the cores for each.
+    threads = None if cuda else torch.get_num_threads()
+    cores = 1 if cuda else max(1, cpus // workers)
     rows = [{"shard": s.index, "captions": json.dumps(s.captions, ensure_ascii=False)} for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(ShardActor, batch_size=1, concurrency=workers,
-                        num_gpus=1 if cuda else 0, num_cpus=1 if cuda else threads,
+    ds = ds.map_batches(ShardActor, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+                        num_gpus=1 if cuda else 0, num_cpus=cores,
                         fn_constructor_kwargs=dict(model=os.fspath(model), device=device, dtype=dtype, spec=spec,
                                                    out=out, threads=threads))
     for row in ds.iter_rows():

@@ -45,7 +45,11 @@ def run_shards(pipe, shards, spec: Spec, out: str, *, window: int | None = None,
             if item is None:
                 return
             if item[0].index not in failed:
-                pending.append((*item, spec.submit(pipe, item[1], item[2])))
+                try:
+                    handle = spec.submit(pipe, item[1], item[2])
+                except Exception as e:  # noqa: BLE001 - raised when its turn comes, like a failed result
+                    handle = _Failed(e)
+                pending.append((*item, handle))
 
     writer, current, left = None, None, 0
     try:
@@ -82,3 +86,16 @@ def run_shards(pipe, shards, spec: Spec, out: str, *, window: int | None = None,
             writer.abort()
 
 
+
+
+class _Failed:
+    """Stands in for the handle of a call that could not be submitted."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+    def cancel(self):
+        pass
