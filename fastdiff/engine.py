@@ -67,6 +67,7 @@ class Job:
         self.output = None
         self.steps_done = 0
         self.done = threading.Event()
+        self.ready = threading.Event()  # set when the engine hands back `result` (or `error`)
 
 
 class _DeviceLock:
@@ -130,6 +131,7 @@ class Engine:
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._active: list[Job] = []
+        self._unposted = 0  # active jobs that are computing, not waiting for an evaluation
         self._thread = None
         self.batches = []  # sizes (images) of recent UNet calls, for tests and benchmarks
         self.keep_batches = 10000
@@ -186,6 +188,8 @@ class Engine:
     # ------------------------------------------------------------------ job threads
 
     def _finish(self, job, output, error) -> None:  # under self._cv
+        if job.state in (STARTING, BUSY):
+            self._unposted -= 1
         job.output, job.error, job.state = output, error, DONE
         if job in self._active:
             self._active.remove(job)
@@ -200,15 +204,17 @@ class Engine:
                 if job.cancelled:
                     raise Cancelled("cancelled")
                 job.pending, job.state = (x, sigma), WAITING
-                self._cv.notify_all()
-                while job.state in (WAITING, RUNNING):
-                    self._cv.wait()
-                if job.cancelled:
-                    raise Cancelled("cancelled")
-                if job.error is not None:
-                    raise job.error
-                out, job.result = job.result, None
-                return out
+                job.ready.clear()
+                self._unposted -= 1
+                if not self._unposted:  # the last one the engine waited for
+                    self._cv.notify_all()
+            job.ready.wait()  # the engine sets state, result or error before it sets ready
+            if job.cancelled:
+                raise Cancelled("cancelled")
+            if job.error is not None:
+                raise job.error
+            out, job.result = job.result, None
+            return out
 
         def callback(d):
             job.steps_done = d["i"] + 1
@@ -236,6 +242,7 @@ class Engine:
                 break
             job = self._queue.popleft()
             job.state = STARTING
+            self._unposted += 1
             self._active.append(job)
             threading.Thread(target=self._run_job, args=(job,), name="fastdiff-job", daemon=True).start()
 
@@ -249,8 +256,8 @@ class Engine:
                     return None
                 for j in self._active:
                     if j.cancelled and j.state == WAITING:
-                        j.state = BUSY  # wakes it; it raises Cancelled and leaves
-                if all(j.state == WAITING for j in self._active):
+                        self._hand_back(j)  # it raises Cancelled and leaves
+                if not self._unposted:
                     break
                 self._cv.wait()
             first = self._active[0]  # the oldest job's group goes first (FIFO)
@@ -276,10 +283,13 @@ class Engine:
                 if len(self.batches) > self.keep_batches:
                     del self.batches[: len(self.batches) - self.keep_batches]
                 for i, j in enumerate(batch):
-                    j.pending = None
                     if error is not None:
                         j.error = error
                     else:
                         j.result = results[i]
-                    j.state = BUSY
-                self._cv.notify_all()
+                    self._hand_back(j)
+
+    def _hand_back(self, job) -> None:  # under self._cv
+        job.pending, job.state = None, BUSY
+        self._unposted += 1
+        job.ready.set()
