@@ -165,7 +165,47 @@ def generic_table(path) -> str:
     return "\n".join(out)
 
 
+def _targets(d: dict) -> list[str]:
+    met = d.get("targets_met") or {}
+    out = []
+    for (name, v), ok in zip((d.get("targets") or {}).items(), list(met.values()) + [None] * len(d.get("targets") or {})):
+        out.append(f"- {name}: {_fmt(v) if not isinstance(v, float) else f'{v:.2f}'}"
+                   + ("" if ok is None else (" (met)" if ok else " (missed)")))
+    return out
+
+
+def engine_table(path) -> str:
+    """benchmarks/bench_engine.py: latency and throughput under open-loop Poisson load."""
+    d = _load(path)
+    out = [header(d, path), "",
+           f"{d['model']}, {d['size']}, {d['steps']} steps {d['sampler']}, CFG {d['guidance_scale']}, "
+           f"max_batch {d['max_batch']}{', CUDA graphs' if d.get('cuda_graphs') else ''}; one image per request. "
+           f"Unloaded latency {d['unloaded_latency_s']:.3f} s; peak (continuous, all at once) "
+           f"{d['peak_continuous_img_s']:.2f} img/s; best offline batched pipe() "
+           f"{max(d['offline_img_s'].values()):.2f} img/s (max_batch {d['best_offline_max_batch']}).",
+           "", "| load | policy | offered img/s | served img/s | p50 s | p95 s | p99 s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(d["runs"].values(), key=lambda r: (r["load"], ["continuous", "static", "serial"].index(r["policy"]))):
+        out.append(f"| {r['load']:.0%} | {r['policy']} | {r['rate_img_s']:.2f} | {r['throughput_img_s']:.2f} | "
+                   f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['p99_s']:.3f} |")
+    return "\n".join(out + [""] + _targets(d))
+
+
+def serve_table(path) -> str:
+    """benchmarks/bench_serve.py: the HTTP server with batching and with --max-batch 1."""
+    d = _load(path)
+    out = [header(d, path), "", f"{d['model']}, {d['size']}, {d['steps']} steps {d['sampler']}, CFG "
+           f"{d['guidance_scale']}; {d['compares']}. A direct pipe() call: {d['direct_pipe_s']:.3f} s.",
+           "", "| server | clients | requests | img/s | p50 s | p95 s | p99 s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, run in d["runs"].items():
+        for lv in run["levels"]:
+            out.append(f"| {name} (max_batch {run['max_batch']}) | {lv['clients']} | {lv['requests']} | "
+                       f"{lv['img_s']:.2f} | {lv['p50_s']:.3f} | {lv['p95_s']:.3f} | {lv['p99_s']:.3f} |")
+    return "\n".join(out + [""] + _targets(d))
+
+
 KINDS = {"pipeline": ("Whole pipeline: fastdiff vs diffusers", pipeline_table),
+         "engine": ("The engine under load: continuous vs static batching vs one at a time", engine_table),
+         "serve": ("fastdiff serve over HTTP", serve_table),
          "kernels": ("Kernels vs torch", kernels_table),
          "sweep": ("Kernel launch-parameter sweep", sweep_table)}
 
