@@ -43,15 +43,15 @@ def test_unknown_kinds_render_generically(tmp_path, monkeypatch):
             "results": [{"name": "x", "ms": 1.5, "nested": {"a": 1}}, {"name": "y", "ms": 2.0}]}
     flat = {"device": "cpu", "git_commit": "abc1234", "results": {"steady": {"images_per_s": 3.25}, "list": [1]}}
     odd = {"device": "cpu", "results": 7}
-    for name, d in {"engine-a.json": rows, "engine-b.json": flat, "engine-c.json": odd}.items():
+    for name, d in {"newkind-a.json": rows, "newkind-b.json": flat, "newkind-c.json": odd}.items():
         (tmp_path / name).write_text(json.dumps(d))
     monkeypatch.setattr(t, "RESULTS", tmp_path)
     doc = t.render_doc()
-    assert "## engine (rendered generically)" in doc
+    assert "## newkind (rendered generically)" in doc
     assert "| name | ms |" in doc and "| x | 1.5 |" in doc and "| y | 2 |" in doc and "nested" not in doc
     assert "| steady.images_per_s | 3.25 |" in doc
-    assert "`engine-c.json`" in doc and "commit abc1234" in doc
-    assert doc.index("engine-a.json") < doc.index("engine-b.json")  # the dated run first
+    assert "`newkind-c.json`" in doc and "commit abc1234" in doc
+    assert doc.index("newkind-a.json") < doc.index("newkind-b.json")  # the dated run first
 
 
 def test_a_known_kind_with_unexpected_fields_is_named_not_fatal(tmp_path):
