@@ -1,4 +1,4 @@
-"""The pipeline and its API (issue 5) on CPU in fp32, on a tiny random SD 1.x model whose
+"""The pipeline and its API on CPU in fp32, on a tiny random SD 1.x model whose
 prompts go through CLIP's real vocabulary: parity with diffusers' StableDiffusionPipeline,
 seeds, classifier-free guidance batching, input checks before any work, PNG parameters,
 img2img, hypernetworks and embeddings, concurrent calls, output types."""
