@@ -2,7 +2,7 @@
 # The measurements on a machine with a CUDA GPU, in order of importance, each step time-boxed so
 # the others still run: build, launch-parameter sweeps (SWEEP=gn,ln,attn, off by default), CUDA
 # tests (kernels, ops, graphs; TESTS=tests for all), pipeline benchmark vs diffusers, kernel
-# benchmark. Logs and result JSON go to $OUT (default ./gpu-out); set FASTDIFF_COMMIT so the
+# benchmark, the engine under load (ENGINE=1, off by default). Logs and result JSON go to $OUT (default ./gpu-out); set FASTDIFF_COMMIT so the
 # results record the commit measured. Needs torch with CUDA, triton, pybind11,
 # scikit-build-core, transformers and diffusers; wheels placed in .whl/ are installed first
 # (without an index), for machines that cannot reach one.
@@ -28,5 +28,6 @@ step build 240 python3 -m pip install --no-build-isolation --no-deps -e .
 [ -n "${NO_TESTS:-}" ] || step tests "${TEST_SECS:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:--n 8} -m "${TEST_MARK:-cuda or not cuda}" ${TESTS:-tests/test_kernels.py tests/test_ops.py tests/test_graphs.py tests/test_kernels_compile.py}
 [ -n "${NO_PIPELINE:-}" ] || step pipeline "${PIPE_SECS:-300}" python3 -m fastdiff.bench ${PIPE_ARGS:-}
 [ -n "${NO_KERNELS:-}" ] || step kernels "${KERN_SECS:-180}" python3 benchmarks/bench_kernels.py
+[ -z "${ENGINE:-}" ] || step engine "${ENGINE_SECS:-240}" python3 benchmarks/bench_engine.py --requests "${ENGINE_REQUESTS:-40}"
 cp benchmarks/results/*.json "$OUT"/ 2>/dev/null
 ls "$OUT"
