@@ -69,7 +69,9 @@ class UNetGraph:
                 self._body()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: CUDA calls of other threads (a user's callback copying a preview, say)
+        # neither fail nor join the capture; they run on their own streams.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = self._body()
 
     def __call__(self, x_in, t, context, strengths) -> torch.Tensor:

@@ -433,7 +433,8 @@ class GenerationHandle:
             step = 1 if pipe.device.type == "cpu" else self._chunk
             with pipe.engine.device_lock.shared():
                 images = torch.cat([pipe.decode(torch.cat(lat[i:i + step])) for i in range(0, len(lat), step)])
-        images = convert(images, req.output_type)
+        with pipe.engine.device_lock.shared():  # the copy to the host, too, stays out of captures
+            images = convert(images, req.output_type)
         if req.output_type == "pil":  # as A1111's images: image.info["parameters"] is the infotext
             for img, p in zip(images, self.parameters):
                 img.info["parameters"] = parameters_text(p)
