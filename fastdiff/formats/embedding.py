@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import FormatError, TensorFile, load_pickle, sniff
+from .files import FormatError, check_finite, load_pickle, safetensors_header, sniff
+
+MAX_VECTORS = 75  # one CLIP chunk
+MAX_WIDTH = 4096  # SD 1.x is 768 wide, SD 2.x 1024
 
 
 @dataclass
@@ -58,7 +61,17 @@ def _as_matrix(t, path: str, what: str) -> torch.Tensor:
         raise FormatError(f"{path}: {what} has shape {list(t.shape)}, expected [n, dim] or [dim]")
     if not t.is_floating_point():
         raise FormatError(f"{path}: {what} has dtype {t.dtype}, expected floating point")
+    _check_size(t.shape, path, what)
+    check_finite(t, path, what)
     return t.float().clone()
+
+
+def _check_size(shape, path: str, what: str) -> None:
+    n, width = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[-1])
+    if len(shape) == 2 and n > MAX_VECTORS:
+        raise FormatError(f"{path}: {what} has {n} vectors; a prompt chunk holds at most {MAX_VECTORS}")
+    if width > MAX_WIDTH:
+        raise FormatError(f"{path}: {what} is {width} wide; text encoders are at most {MAX_WIDTH}")
 
 
 def _from_dict(data: dict, path: str) -> tuple[torch.Tensor, str | None]:
@@ -78,11 +91,16 @@ def _from_dict(data: dict, path: str) -> tuple[torch.Tensor, str | None]:
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if tensors and len(tensors) == len(data):
         # diffusers learned_embeds: {token: [dim]} (several tokens for a multi-vector one, in order)
+        if len(tensors) > MAX_VECTORS:
+            raise FormatError(f"{path}: {len(tensors)} token tensors; a prompt chunk holds at most {MAX_VECTORS}")
         mats = [_as_matrix(v, path, repr(k)) for k, v in tensors.items()]
         widths = {m.shape[1] for m in mats}
         if len(widths) != 1:
             raise FormatError(f"{path}: tokens have different widths {sorted(widths)}")
-        return torch.cat(mats), str(next(iter(tensors)))
+        vectors = torch.cat(mats)
+        if vectors.shape[0] > MAX_VECTORS:
+            raise FormatError(f"{path}: {vectors.shape[0]} vectors; a prompt chunk holds at most {MAX_VECTORS}")
+        return vectors, str(next(iter(tensors)))
     raise FormatError(f"{path}: no string_to_param / emb_params / token tensors: not a textual-inversion embedding "
                       f"(keys: {list(data)[:5]})")
 
@@ -91,10 +109,25 @@ def load_embedding(path: str, name: str | None = None) -> Embedding:
     """Read one textual-inversion embedding file."""
     kind = sniff(path)
     if kind == "safetensors":
-        tf = TensorFile(path)
-        data = {k: tf.get(k) for k in tf.keys()}
+        # sizes come from the header; the data is read only once they are known to be small
+        header = {k: v for k, v in safetensors_header(path).items() if k != "__metadata__"}
+        if len(header) > MAX_VECTORS:
+            raise FormatError(f"{path}: {len(header)} tensors; not a textual-inversion embedding")
+        for k, v in header.items():
+            if len(v["shape"]) not in (1, 2):
+                raise FormatError(f"{path}: {k!r} has shape {v['shape']}, expected [n, dim] or [dim]")
+            _check_size(v["shape"], path, repr(k))
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                data = {k: f.get_tensor(k) for k in header}
+        except Exception as e:
+            raise FormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     elif kind in ("torch-zip", "pickle"):
-        data = load_pickle(path, mmap=False, extra_safe_globals=(torch.nn.ParameterDict,))
+        if kind == "pickle" and os.path.getsize(path) > 64 * 1024 * 1024:  # read whole: no mmap for legacy pickles
+            raise FormatError(f"{path}: {os.path.getsize(path)} bytes is far too large for a textual-inversion embedding")
+        data = load_pickle(path, mmap=True, extra_safe_globals=(torch.nn.ParameterDict,))
         if not isinstance(data, dict):
             raise FormatError(f"{path}: expected a dict, found {type(data).__name__}: not an embedding")
     else:

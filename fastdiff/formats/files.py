@@ -6,6 +6,7 @@ code) surfaces as a :class:`FormatError` that names the file.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -75,9 +76,131 @@ def sniff(path: str) -> str:
     )
 
 
-def _global_name(msg: str) -> str:
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file, {key: {dtype, shape, data_offsets}} plus
+    "__metadata__", read without touching the data. Duplicate keys (the library would keep the
+    last silently) and malformed entries are refused, naming the key."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise FormatError(f"{path}: not a readable safetensors file (header length {n}, file has {size} bytes)")
+        raw = f.read(n)
+
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise FormatError(f"{path}: safetensors header names key {k!r} twice")
+            seen[k] = v
+        return seen
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except FormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: not a readable safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a readable safetensors file (header is a {type(header).__name__})")
+    data = size - 8 - n
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and isinstance(v.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in v["data_offsets"])
+              and 0 <= v["data_offsets"][0] <= v["data_offsets"][1] <= data)
+        if not ok:
+            raise FormatError(f"{path}: safetensors header entry {k!r} is malformed or points past the end of the file (truncated or corrupt?)")
+    return header
+
+
+def check_finite(t: torch.Tensor, path: str, key: str) -> None:
+    """FormatError naming the file and key if a floating-point tensor holds NaN or inf."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise FormatError(f"{path}: tensor {key!r} holds {bad} NaN/inf values")
+
+
+def _global_name(msg: str) -> str | None:
     m = re.search(r"GLOBAL ([\w.]+)", msg)
-    return m.group(1) if m else "a non-tensor object"
+    return m.group(1) if m else None
+
+
+_STORAGE_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                  "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+                  "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1}
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch zip's data.pkl only to list the storages it refers to: every class is
+    replaced by an inert stand-in, so nothing in the pickle runs."""
+
+    class _Inert:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, *a, **k):
+            return _StorageScan._Inert()
+
+        def __setstate__(self, state):
+            pass
+
+        def __setitem__(self, k, v):
+            pass
+
+        def append(self, v):
+            pass
+
+        def extend(self, v):
+            pass
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.storages = {}  # record key -> bytes expected
+
+    def find_class(self, module, name):
+        inert = _StorageScan._Inert()
+        inert.name = name
+        return inert
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            per = _STORAGE_BYTES.get(getattr(pid[1], "name", None))
+            if per is not None and isinstance(pid[4], int):
+                self.storages[str(pid[2])] = pid[4] * per
+        return _StorageScan._Inert()
+
+
+def check_zip_records(path: str) -> None:
+    """Every tensor record of a torch zip file holds the bytes its pickle says it does (a
+    memory-mapped load does not check, and would read past a cut record)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            pkl = next((n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pkl is None:
+                return
+            prefix = pkl[: -len("data.pkl")]
+            scan = _StorageScan(z.open(pkl))
+            scan.load()
+    except FormatError:
+        raise
+    except Exception:
+        return  # torch.load read it; a pickle this scan cannot follow is not a size problem
+    for key, want in scan.storages.items():
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None:
+            raise FormatError(f"{path}: tensor record data/{key} is missing (truncated or corrupt file)")
+        if info.file_size < want:
+            raise FormatError(f"{path}: tensor record data/{key} holds {info.file_size} bytes, its tensor needs "
+                              f"{want} (truncated or corrupt file)")
 
 
 def load_pickle(path: str, *, mmap: bool = True, extra_safe_globals=()) -> Any:
@@ -88,6 +211,8 @@ def load_pickle(path: str, *, mmap: bool = True, extra_safe_globals=()) -> Any:
     if kind not in ("torch-zip", "pickle"):
         raise FormatError(f"{path}: expected a PyTorch pickle (.ckpt/.pt/.bin), found {kind}")
     use_mmap = mmap and kind == "torch-zip"
+    if kind == "torch-zip":
+        check_zip_records(path)
     try:
         if extra_safe_globals and hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(list(extra_safe_globals)):
@@ -95,14 +220,17 @@ def load_pickle(path: str, *, mmap: bool = True, extra_safe_globals=()) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "GLOBAL" in msg:
+        wants = _global_name(msg)
+        if wants is not None:
             raise FormatError(
-                f"refusing to load {path}: the pickle asks to run code ({_global_name(msg)}); only "
+                f"refusing to load {path}: the pickle asks to run code ({wants}); only "
                 "tensors and plain containers are accepted (torch.load weights_only=True). Convert "
                 "it to .safetensors from a source you trust."
             ) from None
-        raise FormatError(f"{path}: corrupt pickle: {msg.splitlines()[0] if msg else e!r}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
+        detail = re.sub(r"\s+", " ", msg.split("Please file an issue")[0]).strip()[:200] or repr(e)
+        raise FormatError(f"{path}: corrupt or unsupported pickle: {detail}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{path}: cannot read PyTorch file (truncated or corrupt?): {first}") from None
 
@@ -135,6 +263,7 @@ class TensorFile:
             from safetensors import safe_open
 
             try:
+                safetensors_header(path)  # duplicate keys, bad offsets: refused before the library reads it
                 self._st = safe_open(path, framework="pt", device="cpu")
                 self._keys = list(self._st.keys())
                 self.metadata = dict(self._st.metadata() or {})

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import FormatError, load_pickle
+from .files import FormatError, check_finite, load_pickle
+
+MAX_WIDTH = 16384  # attention widths of SD-family models are 320..1280; anything near this is no hypernetwork
+MAX_LAYERS = 32
 
 
 def _activation_names() -> frozenset[str]:
@@ -69,6 +72,13 @@ def _dropout_structure(layer_structure, use_dropout, last_layer_dropout) -> list
     return [0.0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0.0] + [0.0]
 
 
+def _numbers(xs) -> bool:
+    import math
+
+    return isinstance(xs, (list, tuple)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in xs)
+
+
 def expected_shapes(dim: int, config: dict) -> dict[str, tuple[int, ...]]:
     """The state dict one module of width `dim` has: A1111's Sequential counts a Linear, then an
     activation (none after the last Linear unless activate_output; "linear" is none), then a
@@ -97,18 +107,30 @@ def read_hypernetwork(path: str, name: str | None = None) -> HypernetworkFile:
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a dict, found {type(data).__name__}: not a hypernetwork")
-    sizes = {k: v for k, v in data.items() if isinstance(k, int)}
+    sizes = {k: v for k, v in data.items() if isinstance(k, int) and not isinstance(k, bool)}
     if not sizes:
         raise FormatError(f"{path}: no per-width module pairs (int keys such as 768): not a hypernetwork")
+    for dim in sizes:
+        if not 1 <= dim <= MAX_WIDTH:
+            raise FormatError(f"{path}: width {dim} is not in [1, {MAX_WIDTH}]")
     layer_structure = data.get("layer_structure") or [1, 2, 1]
+    if not _numbers(layer_structure) or not 2 <= len(layer_structure) <= MAX_LAYERS \
+            or not all(0 < x <= 64 for x in layer_structure):
+        raise FormatError(f"{path}: layer_structure {layer_structure!r:.80} must be a list of 2..{MAX_LAYERS} "
+                          "numbers in (0, 64]")
     if layer_structure[0] != 1 or layer_structure[-1] != 1:
         raise FormatError(f"{path}: layer_structure {layer_structure} must start and end with 1")
     activation = data.get("activation_func")
-    if activation is not None and activation not in ACTIVATION_NAMES:
-        raise FormatError(f"{path}: unsupported activation function {activation!r}")
+    if activation is not None and (not isinstance(activation, str) or activation not in ACTIVATION_NAMES):
+        raise FormatError(f"{path}: unsupported activation function {activation!r:.80}")
+    for flag in ("is_layer_norm", "activate_output", "use_dropout", "last_layer_dropout"):
+        if not isinstance(data.get(flag, False), (bool, int)):
+            raise FormatError(f"{path}: {flag} is a {type(data[flag]).__name__}, expected true or false")
     layer_norm = bool(data.get("is_layer_norm", False))
     activate_output = bool(data.get("activate_output", True))
     dropout = data.get("dropout_structure")
+    if dropout is not None and (not _numbers(dropout) or not all(0 <= x <= 1 for x in dropout)):
+        raise FormatError(f"{path}: dropout_structure {dropout!r:.80} must be a list of numbers in [0, 1]")
     use_dropout = (dropout is not None and any(dropout)) or bool(data.get("use_dropout", False))
     if dropout is None:
         dropout = _dropout_structure(layer_structure, use_dropout, bool(data.get("last_layer_dropout", False)))
@@ -124,6 +146,8 @@ def read_hypernetwork(path: str, name: str | None = None) -> HypernetworkFile:
     for dim, pair in sorted(sizes.items()):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(s, dict) for s in pair):
             raise FormatError(f"{path}: width {dim}: expected a [k, v] pair of state dicts")
+        if any(int(dim * x) < 1 for x in layer_structure):
+            raise FormatError(f"{path}: width {dim} x layer_structure {layer_structure} has layers of width 0")
         want = expected_shapes(dim, config)
         checked = []
         for which, sd in zip("kv", pair):
@@ -139,6 +163,9 @@ def read_hypernetwork(path: str, name: str | None = None) -> HypernetworkFile:
                 if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k]:
                     got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                     raise FormatError(f"{path}: width {dim} {which}-module {k}: expected {list(want[k])}, found {got}")
+                if not v.is_floating_point():
+                    raise FormatError(f"{path}: width {dim} {which}-module {k}: dtype {v.dtype}, expected floating point")
+                check_finite(v, path, f"{dim}.{which}.{k}")
             checked.append(sd)
         state_dicts[dim] = tuple(checked)
     hn_name = name or data.get("name") or os.path.splitext(os.path.basename(path))[0]

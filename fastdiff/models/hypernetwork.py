@@ -92,10 +92,14 @@ class Hypernetwork(nn.Module):
         for dim, pair in sorted(state_dicts.items()):
             built = []
             for sd in pair:
-                mod = HypernetworkModule(int(dim), config["layer_structure"], config["activation_func"],
-                                         config["is_layer_norm"], config["activate_output"],
-                                         config["dropout_structure"])
-                mod.load_state_dict(sd, strict=True)
+                # built on the meta device, then given the file's tensors: nothing is allocated
+                # or initialised beyond what the (already checked) state dict holds
+                with torch.device("meta"):
+                    mod = HypernetworkModule(int(dim), config["layer_structure"], config["activation_func"],
+                                             config["is_layer_norm"], config["activate_output"],
+                                             config["dropout_structure"])
+                mod.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in sd.items()},
+                                    strict=True, assign=True)  # a copy: never backed by a mapped file
                 built.append(mod)
             modules[int(dim)] = tuple(built)
         return cls(name, modules, strength=strength, info=dict(config))
