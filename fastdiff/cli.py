@@ -90,8 +90,7 @@ def _cmd_generate(args) -> int:
 
     from fastdiff.loader import generate
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is not a folder")
+    _check_out(args.out)  # before any work: a bad --out must not cost a whole run
     width, height = args.size if args.size else (None, None)
     result = generate(
         args.prompt,
@@ -120,6 +119,21 @@ def _cmd_generate(args) -> int:
     for path in result.save(args.out):
         print(path)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """--out is a writable folder, or can be made one (made only once there are images)."""
+    import os
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: cannot create the folder, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
 
 
 def _cmd_info(args) -> int:
@@ -179,9 +193,10 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Bad input gets one clear line, not a traceback.
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, FloatingPointError) as e:
+        # Bad input (arguments, files, a model that gives NaN) gets one clear line, not a traceback.
+        msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        print(f"fastdiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

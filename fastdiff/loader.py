@@ -142,7 +142,7 @@ def _device_dtype(device, dtype):
 
 
 def load(path=None, *, device=None, dtype=None, config=None, vae=None, cuda_graphs=None,
-         channels_last=False, max_batch=None) -> Pipeline:
+         channels_last=False, max_batch=None, limits=None) -> Pipeline:
     """Load any supported checkpoint: a diffusers folder or a single .safetensors/.ckpt file
     (SD 1.x/2.x, eps or v, inpainting); `vae` replaces its VAE with a standalone VAE file.
     No path: the small model that ships with fastdiff.
@@ -151,12 +151,13 @@ def load(path=None, *, device=None, dtype=None, config=None, vae=None, cuda_grap
     `config` overrides what was detected (see fastdiff.formats.open_model). `cuda_graphs`
     (default: on for CUDA) replays captured graphs of the UNet; `channels_last` stores the
     UNet's convolutions NHWC; `max_batch` caps the images in one UNet call (default 8 on
-    CUDA, 4 on CPU)."""
+    CUDA, 4 on CPU); `limits` (fastdiff.request.Limits) bounds steps, sizes, images and
+    prompt length per call (default: fastdiff.request.LIMITS)."""
     device, dtype = _device_dtype(device, dtype)
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     return load_pipeline(path, device=device, dtype=dtype, config=config, vae=vae,
-                         cuda_graphs=cuda_graphs, channels_last=channels_last, max_batch=max_batch)
+                         cuda_graphs=cuda_graphs, channels_last=channels_last, max_batch=max_batch, limits=limits)
 
 
 _CACHE: dict = {}
@@ -166,23 +167,21 @@ _CACHE_LOCK = threading.Lock()
 def generate(prompt, *, model=None, device=None, dtype=None, embeddings=(), callback=None,
              eta=1.0, s_noise=1.0, progress=False, latents=None, hypernetwork_dir=None, **kwargs):
     """Load the model (once: the last one stays cached) and generate. Arguments as
-    Pipeline.submit; they are checked before the model loads."""
+    Pipeline.submit; they are checked before the model loads. A model that fails to load
+    leaves the cached one in place."""
     if hypernetwork_dir is not None:  # <hypernet:NAME:MULTIPLIER> tags -> (path, multiplier)
         from fastdiff.prompts import hypernetwork_tags
         from fastdiff.request import hn_pairs
 
         prompt, tagged = hypernetwork_tags(prompt, hypernetwork_dir)
         kwargs["hypernetworks"] = [*hn_pairs(kwargs.get("hypernetworks", ())), *tagged]
-    req = check_request(prompt, **kwargs)
-    for e in embeddings:
-        if not os.path.isfile(e):
-            raise FileNotFoundError(f"embedding {e} does not exist")
+    req = check_request(prompt, embeddings=embeddings, **kwargs)
     device, dtype = _device_dtype(device, dtype)
     key = (os.path.realpath(model) if model is not None else None, str(device), str(dtype))
     with _CACHE_LOCK:
         pipe = _CACHE.get(key)
         if pipe is None:
+            pipe = load(model, device=device, dtype=dtype)  # raises before the cached model goes
             _CACHE.clear()  # keep one model resident
-            pipe = _CACHE[key] = load(model, device=device, dtype=dtype)
-    return pipe(req, embeddings=embeddings, callback=callback, eta=eta, s_noise=s_noise,
-                progress=progress, latents=latents)
+            _CACHE[key] = pipe
+    return pipe(req, callback=callback, eta=eta, s_noise=s_noise, progress=progress, latents=latents)

@@ -23,13 +23,20 @@ from fastdiff._version import __version__
 from fastdiff.denoiser import BatchDenoiser, Conditioning, ModelSchedule
 from fastdiff.engine import Cancelled, Engine, Job
 from fastdiff.graphs import GraphCache
-from fastdiff.request import (Request, check_request, convert, hn_pairs, img2img_steps, init_tensor,
-                              progress_bar)
+from fastdiff.request import (Limits, Request, check_request, check_size, convert, embedding_paths, hn_pairs,
+                              img2img_steps, init_tensor, progress_bar)
 from fastdiff.results import GenerationResult, parameters_text
 
 __all__ = ["Pipeline", "ModelInfo", "GenerationHandle", "Cancelled"]
 
 CONTEXT_CACHE = 256  # prompt contexts kept per pipeline
+ADDON_CACHE = 8  # per-call hypernetwork modules and embedding files kept per pipeline
+
+
+def file_key(path) -> tuple:
+    """A file's identity for caches: a file replaced at the same path is another file."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -51,11 +58,13 @@ class Pipeline:
 
     Thread-safe: concurrent calls share UNet batches (continuous batching); each call's
     add-ons, strengths and prompts are fixed when it starts. `max_batch` caps the images in one
-    UNet call (default 8 on CUDA, 4 on CPU).
+    UNet call (default 8 on CUDA, 4 on CPU). `limits` (a fastdiff.request.Limits; default the
+    module's LIMITS) bounds what one call may ask for.
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, info: ModelInfo, *, device, dtype,
-                 cuda_graphs: bool | None = None, channels_last: bool = False, max_batch: int | None = None):
+                 cuda_graphs: bool | None = None, channels_last: bool = False, max_batch: int | None = None,
+                 limits: Limits | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -68,7 +77,10 @@ class Pipeline:
         self.latent_channels = vae.config.latent_channels
         self.embeddings: dict[str, torch.Tensor] = {}  # name -> [n, dim]
         self.hypernetworks: list = []  # loaded with load_hypernetwork: applied on every call
-        self._call_hns: dict = {}  # (path, k) -> k-th hypernetwork module of that file named in a call
+        self.limits = limits  # None: fastdiff.request.LIMITS at call time
+        # (file_key, k) -> the k-th hypernetwork module of that file named in a call; LRU
+        self._call_hns: OrderedDict = OrderedDict()
+        self._call_embs: OrderedDict = OrderedDict()  # file_key -> (name, [n, dim]) of per-call embedding files
         self._contexts: OrderedDict = OrderedDict()  # (text, chunks, clip_skip, embeddings) -> [1, 77k, dim]
         self._embeddings_version = 0
         self._lock = threading.RLock()  # guards the add-on tables above
@@ -103,16 +115,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode_prompt(self, prompts, clip_skip: int = 1, *, n_chunks: int | None = None) -> torch.Tensor:
+    def encode_prompt(self, prompts, clip_skip: int = 1, *, n_chunks: int | None = None,
+                      extra_embeddings: dict | None = None) -> torch.Tensor:
         """Prompts (A1111 syntax) -> context [B, 77*k, dim]; every prompt gets the same k (the
         longest prompt's, or `n_chunks`). Textual-inversion names in the text are replaced by
-        their vectors; emphasis is applied as A1111's "Original" mode does."""
+        their vectors; emphasis is applied as A1111's "Original" mode does. `extra_embeddings`
+        {name: [n, dim]}: more (a call's own), over the loaded ones."""
         from fastdiff import prompts as P
 
         if isinstance(prompts, str):
             prompts = [prompts]
         with self._lock:
             embeddings = dict(self.embeddings)
+        embeddings.update(extra_embeddings or {})
         with torch.inference_mode():
             counts = {name: v.shape[0] for name, v in embeddings.items()}
             bt = P.tokenize_batch(list(prompts), self.tokenizer, counts, n_chunks=n_chunks)
@@ -126,28 +141,29 @@ class Pipeline:
             z = self.text_encoder(inputs_embeds=embeds.view(B * k, -1, dim), clip_skip=clip_skip)
             return P.apply_emphasis(z.reshape(B, -1, dim), bt.weights)  # [B, 77k, dim]
 
-    def _context(self, text: str, clip_skip: int, n_chunks: int) -> torch.Tensor:
+    def _context(self, text: str, clip_skip: int, n_chunks: int, extra: tuple = ()) -> torch.Tensor:
         """One prompt's context [1, 77k, dim], encoded alone (so it is the same whatever else a
         call holds) and kept in a small LRU cache: a service sees the same negative prompts
-        again and again."""
+        again and again. `extra`: the call's own embeddings, ((file_key, name, [n, dim]), ...)."""
         with self._lock:
-            key = (text, n_chunks, clip_skip, self._embeddings_version)
+            key = (text, n_chunks, clip_skip, self._embeddings_version, tuple((k, n) for k, n, _ in extra))
             ctx = self._contexts.get(key)
             if ctx is not None:
                 self._contexts.move_to_end(key)
                 return ctx
-        ctx = self.encode_prompt([text], clip_skip, n_chunks=n_chunks)
+        ctx = self.encode_prompt([text], clip_skip, n_chunks=n_chunks, extra_embeddings={n: v for _, n, v in extra})
         with self._lock:
             self._contexts[key] = ctx
             while len(self._contexts) > CONTEXT_CACHE:
                 self._contexts.popitem(last=False)
         return ctx
 
-    def _chunk_count(self, text: str) -> int:
+    def _chunk_count(self, text: str, extra: tuple = ()) -> int:
         from fastdiff import prompts as P
 
         with self._lock:
             counts = {name: v.shape[0] for name, v in self.embeddings.items()}
+        counts.update({n: v.shape[0] for _, n, v in extra})
         return len(P.tokenize(text, self.tokenizer, counts))
 
     # ------------------------------------------------------------------ add-ons
@@ -158,12 +174,53 @@ class Pipeline:
         used (unreadable, wrong width) raises and leaves the pipeline as it was."""
         from fastdiff.formats import load_embedding
 
+        name, vectors = self._read_embedding(path, token)
+        with self._lock:
+            self.embeddings[name] = vectors
+            self._embeddings_version += 1
+        return name
+
+    def _read_embedding(self, path, token=None) -> tuple:
+        """(token, [n, dim] on the device): the file read, its width checked against the text
+        encoder, its token checked against the vocabulary."""
+        import warnings
+
+        from fastdiff.formats import FormatError, load_embedding
+
         emb = load_embedding(os.fspath(path), name=token)
         emb.check_width(self.text_encoder.config.hidden_size)
-        with self._lock:
-            self.embeddings[emb.name] = emb.vectors.to(self.device, self.dtype)
-            self._embeddings_version += 1
-        return emb.name
+        ids = self.tokenizer.encode(emb.name)
+        if not ids:
+            raise FormatError(f"embedding {path}: its token {emb.name!r} is no text a prompt can hold; pass token=...")
+        if len(ids) == 1 and self.tokenizer.decode(ids).strip() == emb.name.strip().lower():
+            warnings.warn(f"embedding {path}: its token {emb.name!r} is an ordinary word of the vocabulary; "
+                          f"every {emb.name!r} in a prompt now means the embedding (pass token=... to choose another)",
+                          stacklevel=3)
+        return emb.name, emb.vectors.to(self.device, self.dtype)
+
+    def _call_embeddings(self, paths) -> tuple:
+        """A call's own embedding files -> ((file_key, name, [n, dim]), ...), each file read once
+        while it is unchanged (a small LRU). They apply to that call only."""
+        out = []
+        for path in paths:
+            try:
+                key = file_key(path)
+            except OSError as e:
+                from fastdiff.formats import FormatError
+
+                raise FormatError(f"{path}: no such file or directory ({e.strerror})") from None
+            with self._lock:
+                hit = self._call_embs.get(key)
+                if hit is not None:
+                    self._call_embs.move_to_end(key)
+            if hit is None:
+                hit = self._read_embedding(path)
+                with self._lock:
+                    self._call_embs[key] = hit
+                    while len(self._call_embs) > ADDON_CACHE:
+                        self._call_embs.popitem(last=False)
+            out.append((key, *hit))
+        return tuple(out)
 
     def load_hypernetwork(self, path, strength: float = 1.0):
         """Add an A1111/NovelAI hypernetwork, applied on every later call (stacked in load
@@ -191,15 +248,28 @@ class Pipeline:
 
     def _hypernetwork_stack(self, pairs) -> tuple:
         """((module, strength), ...) for a call: the loaded hypernetworks at their strengths now,
-        then the call's (path, strength) pairs, each file read once and cached. The same file
-        twice in one call is two hypernetworks, each at its own strength."""
+        then the call's (path, strength) pairs, each file read once while it is unchanged (an LRU
+        of ADDON_CACHE modules keyed by path, size and mtime). The same file twice in one call is
+        two hypernetworks, each at its own strength."""
+        from fastdiff.formats import FormatError
+
         with self._lock:
             stack = [(h, float(h.strength)) for h in self.hypernetworks]
-            for n, (path, s) in enumerate(pairs):
-                key = (path, [p for p, _ in pairs[:n]].count(path))
-                if key not in self._call_hns:
-                    self._call_hns[key] = self._read_hypernetwork(path, s)
-                stack.append((self._call_hns[key], float(s)))
+            keys = []
+            for path, _ in pairs:
+                try:
+                    fk = file_key(path)
+                except OSError as e:
+                    raise FormatError(f"{path}: no such file or directory ({e.strerror})") from None
+                keys.append((fk, sum(k[0] == fk for k in keys)))
+            for key, (path, s) in zip(keys, pairs):
+                hn = self._call_hns.get(key)
+                if hn is None:
+                    hn = self._call_hns[key] = self._read_hypernetwork(path, s)
+                self._call_hns.move_to_end(key)
+                stack.append((hn, float(s)))
+            while len(self._call_hns) > max(ADDON_CACHE, len(pairs)):
+                self._call_hns.popitem(last=False)
         return tuple(stack)
 
     # ------------------------------------------------------------------ generation
@@ -232,23 +302,28 @@ class Pipeline:
 
             prompt, tagged = hypernetwork_tags(prompt, hypernetwork_dir)
             hypernetworks = [*hn_pairs(hypernetworks), *tagged]
+        from fastdiff import request as R
+
+        limits = R.LIMITS if self.limits is None else self.limits
         req = prompt if isinstance(prompt, Request) else check_request(
             prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
             sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
             num_images=num_images, batch_size=batch_size, hypernetworks=hypernetworks,
-            clip_skip=clip_skip, init_image=init_image, strength=strength, output_type=output_type)
+            clip_skip=clip_skip, init_image=init_image, strength=strength, output_type=output_type,
+            embeddings=embeddings, limits=limits)
+        call_embeddings = req.embeddings + (embedding_paths(embeddings) if isinstance(prompt, Request) else ())
         width = req.width or self.info.native_size
         height = req.height or self.info.native_size
         for name, v in (("width", width), ("height", height)):
             if v % self.vae_factor:
                 raise ValueError(f"{name} {v} is not a multiple of this model's VAE factor {self.vae_factor}")
         total = len(req.prompts) * req.num_images
+        check_size(width, height, total, limits)  # with the native size filled in
         shape = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
         if latents is not None and tuple(latents.shape) != (total, *shape):
             raise ValueError(f"latents must be {[total, *shape]}, got {list(latents.shape)}")
         init = init_tensor(req.init_image, width, height) if req.init_image is not None else None
-        for item in embeddings:
-            self.load_embedding(item)
+        extra = self._call_embeddings(call_embeddings)
         stack = self._hypernetwork_stack(req.hypernetworks)
         cfg = Conditioning.uses_uncond(req.guidance_scale)
         sig = sampling.sigmas(req.schedule, req.steps, self.info.alphas_cumprod)
@@ -256,12 +331,17 @@ class Pipeline:
             sig = sig[req.steps - img2img_steps(req.strength, req.steps):]
         sig = sig.tolist()
 
+        # cond and uncond rows share a UNet call: both get the larger chunk count. Tokenising
+        # happens here, outside the device lock.
+        chunks = {}
+        for p, q in zip(req.prompts, req.negs):
+            chunks[p, q] = max(self._chunk_count(p, extra), self._chunk_count(q, extra) if cfg else 1)
         with self.engine.device_lock.shared(), torch.inference_mode():
             conds = []
             for p, q in zip(req.prompts, req.negs):
-                # cond and uncond rows share a UNet call: both get the larger chunk count
-                k = max(self._chunk_count(p), self._chunk_count(q) if cfg else 1)
-                conds.append((self._context(p, req.clip_skip, k), self._context(q, req.clip_skip, k) if cfg else None))
+                k = chunks[p, q]
+                conds.append((self._context(p, req.clip_skip, k, extra),
+                              self._context(q, req.clip_skip, k, extra) if cfg else None))
             x0 = self.encode_images(init.to(self.device)) if init is not None else None  # [1, C, h, w]
             extra = self._inpainting_extra(shape)
             hn_text = ", ".join(f"{h.name}:{s:g}" for h, s in stack)

@@ -35,11 +35,19 @@ A1111_SCHEDULE_NAMES = {
 }
 
 
+def _one_line(text: str) -> str:
+    """Line breaks become spaces (CLIP reads any whitespace as one space, so the prompt means
+    the same): A1111's parser takes a line starting 'Negative prompt:' as the negative prompt
+    and the last line as the settings, so a prompt must not be able to start lines."""
+    return " ".join(str(text).splitlines()) if ("\n" in str(text) or "\r" in str(text)) else str(text)
+
+
 def parameters_text(p: dict) -> str:
-    """A1111's infotext: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
-    lines = [p["prompt"]]
+    """A1111's infotext: prompt, 'Negative prompt: ...', then 'Key: value, ...'. The prompts
+    are written on one line each."""
+    lines = [_one_line(p["prompt"])]
     if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(p['negative_prompt'])}")
     fields = [
         ("Steps", p["steps"]),
         ("Sampler", A1111_SAMPLER_NAMES.get(p["sampler"], p["sampler"])),
@@ -94,6 +102,9 @@ class GenerationResult:
 
         if self.output_type != "pil":
             raise ValueError(f"save() needs output_type='pil', this result is {self.output_type!r}")
+        prefix = str(prefix)
+        if any(c in prefix for c in ("/", "\\", "\0", os.sep, os.altsep or "/")) or prefix in (".", ".."):
+            raise ValueError(f"prefix {prefix!r} must be the start of a file name, not a path")
         os.makedirs(folder, exist_ok=True)
         paths = []
         for img, p in zip(self.images, self.parameters):

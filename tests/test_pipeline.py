@@ -313,7 +313,7 @@ def test_pipeline_rejects_bad_latents_and_embedding_before_work(pipe, monkeypatc
     spy = Spy(pipe, monkeypatch)
     with pytest.raises(ValueError, match=r"latents must be \[2, 4, 16, 16\], got \[1, 4, 16, 16\]"):
         pipe("a cat", steps=2, num_images=2, latents=torch.randn(1, *LATENT), **SIZE)
-    with pytest.raises(FormatError, match=r"missing-embedding\.pt: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"embedding .*missing-embedding\.pt does not exist"):
         pipe("a cat", steps=2, embeddings=[str(tmp_path / "missing-embedding.pt")], **SIZE)
     assert spy.idle
 

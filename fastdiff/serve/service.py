@@ -145,6 +145,10 @@ class Service:
         self.config = c = config or ServeConfig()
         if c.queue_limit < 1 or c.max_pixels < 64 or c.max_steps < 1 or c.max_images < 1:
             raise ValueError("queue_limit, max_steps and max_images must be >= 1 and max_pixels >= 64")
+        from fastdiff.request import LIMITS
+
+        # one set of limits: check_request and each loaded pipeline apply them
+        self.limits = LIMITS.with_(max_steps=c.max_steps, max_pixels=c.max_pixels, max_images=c.max_images)
         self.credentials = credentials(c.api_auth)
         shipped = c.model is None
         self.hypernetwork_dir = c.hypernetwork_dir or (str(DEFAULT_MODEL) if shipped else None)
@@ -230,7 +234,8 @@ class Service:
 
             c = self.config
             t0 = time.perf_counter()
-            pipe = fastdiff.load(self.models()[name], device=c.device, dtype=c.dtype, max_batch=c.max_batch)
+            pipe = fastdiff.load(self.models()[name], device=c.device, dtype=c.dtype, max_batch=c.max_batch,
+                                 limits=self.limits)
             self._observe_batches(pipe)
             m = LoadedModel(name, pipe)
             for stem, path in self.embedding_files.items():
@@ -339,16 +344,10 @@ class Service:
             schedule = names.resolve_schedule(body.scheduler) if body.scheduler else (implied or "normal")
         except ValueError as e:
             raise FieldError("scheduler", str(e)) from None
-        if body.steps > c.max_steps:
-            raise FieldError("steps", f"steps must be in [1, {c.max_steps}] (--max-steps), got {body.steps}")
+        # the server's limits (--max-steps, --max-pixels, --max-images) are checked by check_request
         native = model.pipe.info.native_size
         w, h = body.width or native, body.height or native
-        if w * h > c.max_pixels:
-            raise FieldError("width" if body.width else "height",
-                             f"width x height must be at most {c.max_pixels} pixels (--max-pixels), got {w}x{h}")
         total = body.batch_size * body.n_iter
-        if total > c.max_images:
-            raise FieldError("batch_size", f"batch_size x n_iter must be at most {c.max_images} images, got {total}")
         prompt, hns = body.prompt, []
         if not body.disable_extra_networks:
             prompt, tags = parse_extra_networks(body.prompt)
@@ -373,11 +372,15 @@ class Service:
         try:
             req = check_request(prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                 guidance_scale=body.cfg_scale, sampler=sampler, schedule=schedule,
-                                seed=None if body.seed == -1 else body.seed, width=body.width, height=body.height,
+                                seed=None if body.seed == -1 else body.seed, width=w, height=h,
                                 num_images=total, batch_size=body.batch_size, hypernetworks=hns, clip_skip=clip_skip,
-                                init_image=init, strength=body.denoising_strength if init is not None else 0.75)
+                                init_image=init, strength=body.denoising_strength if init is not None else 0.75,
+                                limits=self.limits)
         except (ValueError, FileNotFoundError) as e:
-            raise FieldError(field_of(str(e)), str(e)) from None
+            msg = str(e)
+            if "(max_pixels)" in msg:
+                raise FieldError("width" if body.width else "height", msg) from None
+            raise FieldError("batch_size" if "(max_images)" in msg else field_of(msg), msg) from None
         eta = self.options["eta_ancestral"] if body.eta is None else body.eta
         return model, req, dict(eta=eta, s_noise=body.s_noise)
 
