@@ -175,7 +175,7 @@ def build(captions, out, *, model=None, images_per_caption: int = 10, guidance_s
     }
     S.write_atomic(os.path.join(out, STATS), (json.dumps(stats, indent=2) + "\n").encode())
     log(f"{stats['images_done']}/{total} images in {len(present)}/{len(plan)} shards in {out}"
-        + (f"; this run: {made} images, {stats['run']['images_per_second']} images/s" if made else "")
+        + (f"; this run: {made} images, {made / gen_seconds:.2f} images/s" if made else "")
         + (f"; {len(failures)} shards failed (rerun to retry them)" if failures else ""))
     return stats
 
