@@ -21,7 +21,7 @@ existing DIR is refused with a message naming what differs."""
 EPILOG = """\
 example:
   fastdiff dataset captions.txt --out shards/ --images-per-caption 10 --cfg 2
-  fastdiff dataset cc3m.parquet --out /shared/cc3m-sd --ray --workers 8
+  fastdiff dataset cc3m.parquet --out /mnt/nfs/cc3m-sd --ray --workers 8
 
 exit status: 0 when every shard is written, 1 when some failed (rerun to retry them),
 2 on bad arguments."""
