@@ -203,7 +203,24 @@ def serve_table(path) -> str:
     return "\n".join(out + [""] + _targets(d))
 
 
+def dataset_table(path) -> str:
+    """benchmarks/bench_dataset.py: `fastdiff dataset` against the best batched pipe() loop."""
+    d = _load(path)
+    loops = ", ".join(f"{k} captions/call {v:.2f}" for k, v in d["pipe_loop_img_s"].items())
+    out = [header(d, path), "", f"{d['model']}, {d['size']}, {d['steps']} steps {d['sampler']}, CFG "
+           f"{d['guidance_scale']}, {d['captions']} captions x {d['images_per_caption']} images, "
+           f"{d['format']}, max_batch {d['max_batch']}; {d['compares']}.", "",
+           "| run | img/s |", "|---|---:|",
+           f"| best pipe() loop ({d['best_group']} captions per call) | {d['best_pipe_loop_img_s']:.2f} |",
+           f"| fastdiff dataset | {d['dataset_img_s']:.2f} |"]
+    if d.get("ray"):
+        r = d["ray"]
+        out.append(f"| fastdiff dataset --ray, {r['workers']} workers (wall, start-up included) | {r['wall_img_s']:.2f} |")
+    return "\n".join(out + ["", f"pipe() loop by captions per call (img/s): {loops}.", ""] + _targets(d))
+
+
 KINDS = {"pipeline": ("Whole pipeline: fastdiff vs diffusers", pipeline_table),
+         "dataset": ("fastdiff dataset vs a batched pipe() loop", dataset_table),
          "engine": ("The engine under load: continuous vs static batching vs one at a time", engine_table),
          "serve": ("fastdiff serve over HTTP", serve_table),
          "kernels": ("Kernels vs torch", kernels_table),
