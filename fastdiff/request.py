@@ -31,6 +31,7 @@ class Limits:
     of a call (their latents are all allocated when it starts)."""
 
     max_steps: int | None = 10000
+    max_side: int | None = 8192
     max_pixels: int | None = 4096 * 4096
     max_batch_pixels: int | None = 1024 * 512 * 512
     max_images: int | None = 10000
@@ -114,7 +115,10 @@ def check_prompt_text(name, text: str, limits: Limits) -> None:
 
 
 def check_size(width: int, height: int, images: int, limits: Limits) -> None:
-    """Pixels per image and per call against `limits` (ValueError naming the limit)."""
+    """Sides, pixels per image and per call against `limits` (ValueError naming the limit)."""
+    for name, v in (("width", width), ("height", height)):
+        if limits.max_side is not None and v > limits.max_side:
+            raise ValueError(f"{name} must be at most {limits.max_side} (max_side), got {v}")
     if limits.max_pixels is not None and width * height > limits.max_pixels:
         raise ValueError(f"width x height must be at most {limits.max_pixels} pixels (max_pixels), "
                          f"got {width}x{height}")

@@ -36,15 +36,22 @@ A1111_SCHEDULE_NAMES = {
 
 
 def _one_line(text: str) -> str:
-    """Line breaks become spaces (CLIP reads any whitespace as one space, so the prompt means
-    the same): A1111's parser takes a line starting 'Negative prompt:' as the negative prompt
-    and the last line as the settings, so a prompt must not be able to start lines."""
-    return " ".join(str(text).splitlines()) if ("\n" in str(text) or "\r" in str(text)) else str(text)
+    """A1111's parser takes a line starting 'Negative prompt:' as the start of the negative
+    prompt, so a prompt's line that starts so is joined to the line before it (CLIP reads a
+    line break as a space: the prompt means the same). Other line breaks stay."""
+    lines = str(text).splitlines() or [""]
+    out = [lines[0]]
+    for line in lines[1:]:
+        if line.strip().startswith("Negative prompt:"):
+            out[-1] = f"{out[-1]} {line}"
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def parameters_text(p: dict) -> str:
-    """A1111's infotext: prompt, 'Negative prompt: ...', then 'Key: value, ...'. The prompts
-    are written on one line each."""
+    """A1111's infotext: prompt, 'Negative prompt: ...', then 'Key: value, ...'. Neither
+    prompt can start a line that A1111 would read as a negative prompt."""
     lines = [_one_line(p["prompt"])]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {_one_line(p['negative_prompt'])}")

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from .files import FormatError, TensorFile
+from .files import FormatError, TensorFile, check_finite
 
 
 @dataclass(frozen=True)
@@ -157,13 +157,15 @@ def _few(names, n: int = 5) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_into(module: torch.nn.Module, source: Component, device=None, dtype=None) -> torch.nn.Module:
+def load_into(module: torch.nn.Module, source: Component, device=None, dtype=None, *,
+              check_finite_weights: bool = True) -> torch.nn.Module:
     """Stream `source`'s tensors into `module`'s parameters and persistent buffers, one tensor at a
     time (read, convert to device/dtype, write; never two full copies of the model).
 
     device/dtype default to each parameter's current ones (a parameter on 'meta' goes to CPU);
     dtype applies to floating-point tensors only. Keys and shapes are checked in full before
-    anything is written, so on a mismatch the module is left untouched."""
+    anything is written, so on a mismatch the module is left untouched. A tensor holding NaN or
+    inf is refused (FormatError naming file and key) as it is read, while it is in cache anyway."""
     target = _target_tensors(module)
     src_keys, tgt_keys = set(source.keys()), set(target)
     problems = []
@@ -200,6 +202,8 @@ def load_into(module: torch.nn.Module, source: Component, device=None, dtype=Non
             want_dev = device or (cur.device if cur.device.type != "meta" else torch.device("cpu"))
             want_dt = dtype if (dtype is not None and cur.is_floating_point()) else cur.dtype
             src = source[k].load()
+            if check_finite_weights:
+                check_finite(src, source[k].file.path, source[k].key)
             with torch.no_grad():
                 if cur.device == want_dev and cur.dtype == want_dt:
                     cur.copy_(src)  # in place: one conversion, no second buffer
