@@ -16,7 +16,7 @@ import time
 from fastdiff.dataset import shards as S
 from fastdiff.dataset.captions import Captions, from_rows, read_captions
 from fastdiff.dataset.worker import Spec, run_shards
-from fastdiff.request import check_request
+from fastdiff.request import LIMITS, check_request
 
 MANIFEST = "dataset.json"
 STATS = "stats.json"
@@ -87,9 +87,12 @@ def build(captions, out, *, model=None, images_per_caption: int = 10, guidance_s
     if not len(caps):
         raise ValueError(f"{caps.source or 'captions'}: no captions (every row is empty)")
     n = images_per_caption
+    # Checked once for the whole set (so the seed range covers every image); the per-call
+    # limits on images and pixels apply to each caption's call, not to the set.
     req = check_request("caption", negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                         sampler=sampler, schedule=schedule, seed=seed, width=width, height=height,
-                        num_images=caps.rows * n, hypernetworks=hypernetworks, clip_skip=clip_skip)
+                        num_images=caps.rows * n, hypernetworks=hypernetworks, clip_skip=clip_skip,
+                        limits=LIMITS.with_(max_images=None, max_batch_pixels=None))
 
     out = os.path.abspath(os.fspath(out))
     ray_state = None
