@@ -477,13 +477,18 @@ def test_nan_in_a_model_is_named_at_load(tmp_path):
 def test_finiteness_check_is_cheap_relative_to_the_load(monkeypatch):
     from fastdiff.formats import source
 
-    def load_time():
-        return best_time(lambda: fastdiff.load(device="cpu", dtype=torch.float32), repeat=3)
+    real = source.check_finite
 
-    checked = load_time()
-    monkeypatch.setattr(source, "check_finite", lambda *a: None)
-    unchecked = load_time()
-    assert checked <= 1.5 * unchecked + 0.05 * unchecked
+    def load_time(check):
+        monkeypatch.setattr(source, "check_finite", real if check else (lambda *a: None))
+        return best_time(lambda: fastdiff.load(device="cpu", dtype=torch.float32), repeat=1)
+
+    # alternated, best of each: this machine's speed drifts over seconds
+    checked, unchecked = float("inf"), float("inf")
+    for _ in range(4):
+        checked = min(checked, load_time(True))
+        unchecked = min(unchecked, load_time(False))
+    assert checked <= 1.55 * unchecked
 
 
 def test_nan_in_a_hypernetwork_is_named(pipe, reference, tmp_path):
