@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size, multiples of 8 (default: the model's native size)")
     g.add_argument("--num", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="images per UNet batch (default: all at once, at most 8)")
+                   help="images decoded together on CUDA (default: max_batch, 8); the engine "
+                   "batches the UNet calls of all images itself, up to max_batch")
     g.add_argument("--hypernetwork", type=_hypernetwork, action="append", default=[],
                    metavar="PATH[:STRENGTH]", help="an A1111 hypernetwork; repeat to stack")
     g.add_argument("--hypernetwork-dir", default=None, metavar="DIR",
