@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -37,9 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import commit, prompt, setup, sync  # noqa: E402
+from bench_engine import prompt, setup, sync  # noqa: E402
+from results_file import RESULTS, commit, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def pipe_loop(pipe, captions, n, group, kw) -> float:
@@ -80,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: 2 on CPU, 1 on CUDA)")
     ap.add_argument("--no-ray", action="store_true", help="leave out the Ray run")
     ap.add_argument("--quick", action="store_true", help="few captions and steps: checks the code runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON")
     args = ap.parse_args(argv)
     if args.quick:
         args.captions, args.steps, args.reps = 6, 3, 1
@@ -147,14 +145,7 @@ def main(argv=None) -> int:
         "targets": {"dataset / best pipe() loop (>= 0.95)": ratio}, "targets_met": {"throughput": ratio >= 0.95},
     }
     print(f"dataset / best pipe() loop: {ratio:.3f}", file=sys.stderr)
-    out = Path(args.out)
-    if args.quick and args.out == str(ROOT / "benchmarks" / "results"):
-        out = Path(tempfile.mkdtemp(prefix="fastdiff-bench-dataset-"))
-    out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", doc["device"]).strip("-")
-    path = out / f"dataset-{name}-{doc['date']}-{doc['git_commit']}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(path)
+    print(write(doc, args.out, args.quick))
     return 0
 
 

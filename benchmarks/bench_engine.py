@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import RESULTS, commit, percentiles, write  # noqa: E402
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross"]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right", "in the centre"]
@@ -55,22 +53,6 @@ def prompt(rng: random.Random) -> str:
 def sync(pipe):
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def commit() -> str:
-    if os.environ.get("FASTDIFF_COMMIT"):
-        return os.environ["FASTDIFF_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
-def percentiles(xs) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)),
-            "p99_s": float(np.percentile(a, 99)), "mean_s": float(a.mean()), "max_s": float(a.max())}
 
 
 class Runner:
@@ -147,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=None,
                     help="engine max_batch (default: the one with the best offline throughput)")
     ap.add_argument("--quick", action="store_true", help="a few requests and steps: checks the code runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON")
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.steps = 6, 3
@@ -233,14 +215,7 @@ def main(argv=None) -> int:
     }
     for k, v in targets.items():
         print(f"{k}: {v:.2f}", file=sys.stderr)
-    out = Path(args.out)
-    if args.quick and args.out == str(ROOT / "benchmarks" / "results"):
-        out = Path(tempfile.mkdtemp(prefix="fastdiff-bench-engine-"))
-    out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", doc["device"]).strip("-")
-    path = out / f"engine-{name}-{doc['date']}-{doc['git_commit']}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(path)
+    print(write(doc, args.out, args.quick))
     return 0
 
 

@@ -18,38 +18,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import RESULTS, commit, percentiles, write  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def commit() -> str:
-    if os.environ.get("FASTDIFF_COMMIT"):
-        return os.environ["FASTDIFF_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
-def percentiles(xs) -> dict:
-    a = np.asarray(xs, dtype=np.float64)
-    return {"p50_s": float(np.percentile(a, 50)), "p95_s": float(np.percentile(a, 95)),
-            "p99_s": float(np.percentile(a, 99)), "mean_s": float(a.mean())}
 
 
 def free_port() -> int:
@@ -162,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=48, help="requests per level (at least 2 per client)")
     p.add_argument("--level-seconds", type=float, default=120, help="time bound of one level")
     p.add_argument("--quick", action="store_true", help="4 steps, 16 requests per level, results to a temp folder")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.requests = 4, 16
@@ -209,14 +189,7 @@ def main(argv=None) -> int:
     }
     for k, v in targets.items():
         print(f"{k}: {v:.2f}", file=sys.stderr)
-    out = Path(args.out)
-    if args.quick and args.out == str(ROOT / "benchmarks" / "results"):
-        out = Path(tempfile.mkdtemp(prefix="fastdiff-bench-serve-"))
-    out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", doc["device"]).strip("-")
-    path = out / f"serve-{name}-{doc['date']}-{doc['git_commit']}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(path)
+    print(write(doc, args.out, args.quick))
     return 0
 
 
