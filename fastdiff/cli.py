@@ -4,24 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return w, h
-
-
-def _hypernetwork(text: str) -> tuple[str, float]:
-    # PATH[:STRENGTH]; a Windows drive letter or a path with colons keeps its colons.
-    path, sep, strength = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return text, 1.0
+from fastdiff.argtypes import hypernetwork as _hypernetwork
+from fastdiff.argtypes import size as _size
 
 
 def build_parser() -> argparse.ArgumentParser:

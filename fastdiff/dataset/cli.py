@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from fastdiff.argtypes import hypernetwork as _hypernetwork
+from fastdiff.argtypes import size as _size
+
 DESCRIPTION = """\
 Generate a synthetic image dataset: IMAGES_PER_CAPTION images for every caption, written as
 webdataset tar shards (00000.tar, ...). Each sample is KEY.png|jpg|webp, KEY.txt (the caption)
@@ -25,25 +28,6 @@ example:
 
 exit status: 0 when every shard is written, 1 when some failed (rerun to retry them),
 2 on bad arguments."""
-
-
-# WxH and PATH[:STRENGTH] read as `fastdiff generate` reads them
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
-    return w, h
-
-
-def _hypernetwork(text: str) -> tuple[str, float]:
-    path, sep, strength = text.rpartition(":")  # a path with colons keeps them
-    if sep and path:
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
