@@ -137,8 +137,6 @@ class BatchDenoiser:
         self.graphs = graphs
         self.channels_last = channels_last
         self.min_rows = min_rows
-        self.calls = 0  # UNet calls made
-        self.rows_run = 0  # rows evaluated, padding included
 
     def _host_floats(self, values) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.float32)
@@ -176,8 +174,6 @@ class BatchDenoiser:
                 if self.channels_last:
                     x_in = x_in.contiguous(memory_format=torch.channels_last)
                 out = self.unet(x_in, t, ctx)
-        self.calls += 1
-        self.rows_run += out.shape[0]
         results, r = [], 0
         for cond, x, sigma in items:
             c = output_coefficients(self.prediction_type, sigma, cond.guidance, cond.cfg)

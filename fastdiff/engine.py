@@ -133,8 +133,8 @@ class Engine:
         self._active: list[Job] = []
         self._unposted = 0  # active jobs that are computing, not waiting for an evaluation
         self._thread = None
-        self.batches = []  # sizes (images) of recent UNet calls, for tests and benchmarks
-        self.keep_batches = 10000
+        self.batches: deque[int] = deque(maxlen=10000)  # images in each recent UNet call
+        self.on_batch: list = []  # f(images) after each UNet call, in the engine thread (metrics)
 
     @property
     def max_batch(self) -> int:
@@ -278,10 +278,10 @@ class Engine:
                     results = self.evaluate([(j.cond, *j.pending) for j in batch])
             except BaseException as e:  # the batch's jobs fail with it; the engine goes on
                 error = e
+            for f in self.on_batch:
+                f(len(batch))
             with self._cv:
                 self.batches.append(len(batch))
-                if len(self.batches) > self.keep_batches:
-                    del self.batches[: len(self.batches) - self.keep_batches]
                 for i, j in enumerate(batch):
                     if error is not None:
                         j.error = error

@@ -50,7 +50,6 @@ class UNetGraph:
         self.strengths = [torch.zeros((), device=self.device, dtype=torch.float32) for _ in self.hypernetworks]
         self.graph = None
         self.out = None
-        self.replays = 0
         if capture:
             self._capture(pool)
 
@@ -83,7 +82,6 @@ class UNetGraph:
         self.context[:R].copy_(context, non_blocking=True)
         for buf, s in zip(self.strengths, strengths):
             buf.fill_(float(s))
-        self.replays += 1
         if self.graph is None:  # eager, same buffers
             return self._body()[:R]
         self.graph.replay()

@@ -235,17 +235,6 @@ def img2img_steps(strength: float, steps: int) -> int:
     return int(min(strength, 0.999) * steps) + 1
 
 
-def batches(keys, size) -> list:
-    """Indices 0..len(keys)-1 cut into runs of equal consecutive keys, at most `size` long."""
-    runs = []
-    for i, k in enumerate(keys):
-        if runs and len(runs[-1]) < size and keys[runs[-1][0]] == k:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
 def progress_bar(total, enabled):
     if not enabled:
         return None

@@ -255,15 +255,7 @@ class Service:
             return m
 
     def _observe_batches(self, pipe) -> None:
-        evaluate = pipe.engine.evaluate
-        batch = self.metrics.batch
-
-        def observed(items):
-            out = evaluate(items)
-            batch.observe(len(items))
-            return out
-
-        pipe.engine.evaluate = observed
+        pipe.engine.on_batch.append(self.metrics.batch.observe)
 
     def set_model(self, title: str) -> None:
         self.current = self._load(self.resolve_model(title, "sd_model_checkpoint"))
@@ -321,7 +313,6 @@ class Service:
         from fastdiff.serve.images import decode_image
         from fastdiff.serve.schemas import UNSUPPORTED
 
-        c = self.config
         for name, is_off in UNSUPPORTED.items():
             if hasattr(body, name) and not is_off(getattr(body, name)):
                 raise FieldError(name, f"{name}={getattr(body, name)!r} is not supported by fastdiff; leave it at "
