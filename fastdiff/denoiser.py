@@ -98,9 +98,7 @@ class KVHook:
     def __call__(self, ctx: torch.Tensor):
         k = v = ctx
         for hn, s in self.pairs:
-            if isinstance(s, float) and s == 0.0:
-                continue
-            k, v = hn.apply_kv(k, v, s)
+            k, v = hn.apply_kv(k, v, s)  # the identity at a float strength of 0
         return k, v
 
 
